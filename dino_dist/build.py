@@ -1,0 +1,86 @@
+"""Assemble a run from its config: models, loss, optimizer, schedules, data, engine.
+
+Kept apart from the entry point so tests and tools (benchmark, k-NN) build exactly what
+training builds.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dino_dist.config import Config, ConfigError
+from dino_dist.data import build_train_loader
+from dino_dist.dist import DistEnv
+from dino_dist.engine import DinoEngine
+from dino_dist.loop import micro_batches_per_epoch, steps_per_epoch
+from dino_dist.loss import DINOLoss
+from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
+from dino_dist.parallel import place_models, wrap_student
+from dino_dist.schedules import build_schedules
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_student_teacher(cfg: Config) -> tuple[nn.Module, nn.Module]:
+    """Student and teacher start identical; the teacher has no stochastic depth."""
+    m = cfg.model
+    common = dict(arch=m.arch, patch_size=m.patch_size, out_dim=m.out_dim,
+                  use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
+                  head_hidden_dim=m.head_hidden_dim, head_bottleneck_dim=m.head_bottleneck_dim)
+    student = build_model(drop_path_rate=m.drop_path_rate, **common)
+    teacher = build_model(drop_path_rate=0.0, **common)
+    teacher.load_state_dict(student.state_dict())
+    return student, teacher
+
+
+def build_optimizer(student: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups_for_weight_decay(student)
+    # Fused kernels exist for CUDA; on CPU the foreach path is the fast one.
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), **fast)
+
+
+@dataclass
+class Training:
+    engine: DinoEngine
+    student: nn.Module  # unwrapped
+    teacher: nn.Module
+    loader: object
+    sampler: object
+
+
+def build_training(cfg: Config, env: DistEnv) -> Training:
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    student, teacher = build_student_teacher(cfg)
+    student, teacher = place_models(student, teacher, env)
+    wrapped = wrap_student(student, env)
+    seed_everything(cfg.train.seed + env.rank)  # stochastic depth differs per rank
+    o = cfg.optim
+    loader, sampler, _dataset = build_train_loader(
+        cfg.data, o.batch_size_per_gpu, env.rank, env.world_size, cfg.train.seed,
+        pin_memory=env.device.type == "cuda")
+    micro = micro_batches_per_epoch(sampler.samples_per_rank, o.batch_size_per_gpu)
+    if micro == 0:
+        raise ConfigError(
+            f"the dataset gives {sampler.samples_per_rank} images per rank, fewer than one batch "
+            f"of optim.batch_size_per_gpu={o.batch_size_per_gpu}: lower the batch size or add images")
+    schedules = build_schedules(cfg, env.world_size, steps_per_epoch(micro, o.accum_steps))
+    loss_fn = DINOLoss(cfg.model.out_dim, cfg.data.global_crops_number, cfg.loss.student_temp,
+                       cfg.loss.center_momentum).to(env.device)
+    engine = DinoEngine(
+        wrapped, student, teacher, loss_fn, build_optimizer(student, cfg, env.device), schedules,
+        env, precision=cfg.train.precision, clip_grad=o.clip_grad, clip_mode=o.clip_mode,
+        freeze_last_layer_epochs=o.freeze_last_layer,
+        last_layer_params=last_layer_parameters(student),
+        n_global_crops=cfg.data.global_crops_number)
+    teacher.train()  # as the reference: BN (ResNet) uses batch statistics in the teacher too
+    wrapped.train()
+    return Training(engine, student, teacher, loader, sampler)

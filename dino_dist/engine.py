@@ -1,0 +1,155 @@
+"""One DINO optimizer step, split into micro-batches.
+
+Order of operations inside a step, and why:
+1. every micro-batch: teacher forward (global crops, no grad) → student forward (all crops)
+   → loss against the *old* center → backward of loss/k. Gradient sync (DDP all-reduce) runs
+   only on the last micro-batch; the others sit in `no_sync`.
+2. once per step: one all-reduce of [teacher-output sum | count | loss | non-finite flag].
+   A non-finite loss on any rank is therefore seen by every rank at the same point, so all
+   stop together instead of one rank leaving the others in a collective.
+3. the center moves (after every micro-batch used the old one), gradients are unscaled,
+   clipped, the last layer's gradient dropped while it is frozen, the optimizer steps, and
+   the teacher follows by EMA with fused foreach ops.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dino_dist.dist import DistEnv, all_reduce_sum_
+from dino_dist.loss import DINOLoss
+from dino_dist.schedules import Schedules
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised on every rank at once when any rank's loss is NaN or infinite."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: torch.Tensor  # stays on device; read it only on logging steps
+    skipped: bool  # fp16 step dropped by the GradScaler (inf/NaN gradients)
+    images: int  # images in this optimizer step, all ranks together
+
+
+class DinoEngine:
+    def __init__(self, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
+                 loss_fn: DINOLoss, optimizer: torch.optim.Optimizer, schedules: Schedules,
+                 env: DistEnv, precision: str = "fp32", clip_grad: float = 0.0,
+                 clip_mode: str = "per_param", freeze_last_layer_epochs: int = 0,
+                 last_layer_params: list[nn.Parameter] | None = None,
+                 n_global_crops: int = 2):
+        self.student, self.student_module, self.teacher = student, student_module, teacher
+        self.loss_fn, self.optimizer, self.schedules, self.env = loss_fn, optimizer, schedules, env
+        self.precision = precision
+        self.clip_grad, self.clip_mode = clip_grad, clip_mode
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.last_layer_params = last_layer_params or []
+        self.n_global_crops = n_global_crops
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # EMA pairs: every student tensor (trainable or frozen) mirrors a teacher tensor.
+        self.ema_student = [p.detach() for p in student_module.parameters()]
+        self.ema_teacher = [p.detach() for p in teacher.parameters()]
+        self.trainable = [p for p in student_module.parameters() if p.requires_grad]
+        self.skipped_steps = 0  # fp16 steps dropped for inf/NaN gradients, whole run
+        self.skipped_images = 0  # unreadable images replaced by the data pipeline, all ranks
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        out_dim = self.loss_fn.center.shape[-1]
+        self.pending_teacher_sum = torch.zeros(out_dim, device=self.env.device)
+        # teacher-output count, weighted loss, non-finite flags, unreadable images
+        self.pending_stats = torch.zeros(4, device=self.env.device)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def micro_step(self, crops: list[torch.Tensor], step: int, loss_weight: float,
+                   sync_grads: bool, skipped_images: int = 0) -> None:
+        """Forward and backward of one micro-batch; `loss_weight` is 1/len(group)."""
+        device = self.env.device
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        teacher_temp = float(self.schedules.teacher_temp[step])
+        no_sync = getattr(self.student, "no_sync", None)
+        sync_ctx = contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
+        with sync_ctx:
+            with self.autocast():
+                with torch.no_grad():
+                    teacher_out = self.teacher(crops[: self.n_global_crops])
+                student_out = self.student(crops)
+                loss = self.loss_fn(student_out, teacher_out, teacher_temp, len(crops))
+            self.scaler.scale(loss * loss_weight).backward()
+        with torch.no_grad():
+            self.pending_teacher_sum += teacher_out.float().sum(dim=0)
+            self.pending_stats += torch.stack((
+                torch.tensor(float(teacher_out.shape[0]), device=device),
+                loss.detach() * loss_weight,
+                (~torch.isfinite(loss.detach())).float(),
+                torch.tensor(float(skipped_images), device=device)))
+
+    def finish_step(self, step: int, epoch: int) -> StepResult:
+        """Reduce the step's statistics across ranks, move the center, update student and teacher."""
+        reduced = all_reduce_sum_(torch.cat((self.pending_teacher_sum, self.pending_stats)))
+        teacher_sum = reduced[:-4]
+        count, loss_sum, non_finite, skipped_images = reduced[-4:].tolist()
+        self.skipped_images += int(skipped_images)
+        self._reset_pending()
+        if non_finite > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"loss is not finite at step {step} (epoch {epoch}) on {int(non_finite)} "
+                f"micro-batch(es); all ranks stopped. Lower optim.lr, use train.precision=bf16 "
+                f"or fp32, or check the data; checkpoints already written are kept")
+        self.loss_fn.update_center(teacher_sum, count)
+        self._apply_schedule(step)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        if epoch < self.freeze_last_layer_epochs:
+            for p in self.last_layer_params:
+                p.grad = None
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.skipped_steps += int(skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_teacher(float(self.schedules.momentum[step]))
+        images = int(count) // self.n_global_crops
+        return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
+                          skipped=skipped, images=images)
+
+    def _apply_schedule(self, step: int) -> None:
+        lr, wd = float(self.schedules.lr[step]), float(self.schedules.wd[step])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if group.get("weight_decay_applies", True):
+                group["weight_decay"] = wd
+
+    def _clip_gradients(self) -> torch.Tensor:
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.env.device)
+        norms = torch._foreach_norm(grads)
+        total_norm = torch.linalg.vector_norm(torch.stack(norms))
+        if self.clip_grad <= 0:
+            return total_norm
+        if self.clip_mode == "global":
+            coef = torch.clamp(self.clip_grad / (total_norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef)
+        else:
+            # DINO's rule: each parameter's gradient is capped at norm clip_grad on its own.
+            coefs = torch.clamp(self.clip_grad / (torch.stack(norms) + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coefs.unbind())
+        return total_norm
+
+    @torch.no_grad()
+    def _update_teacher(self, momentum: float) -> None:
+        torch._foreach_mul_(self.ema_teacher, momentum)
+        torch._foreach_add_(self.ema_teacher, self.ema_student, alpha=1.0 - momentum)

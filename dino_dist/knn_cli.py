@@ -1,0 +1,71 @@
+"""`dino-knn`: k-NN top-1/top-5 of a checkpoint's teacher backbone on labelled folders.
+
+    dino-knn --checkpoint RUN/checkpoints/step_00001000.pt --train-data DIR --val-data DIR
+    torchrun --nproc_per_node=4 -m dino_dist.knn_cli ...   # feature extraction sharded
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dino_dist.checkpoint import CheckpointError, load_checkpoint
+from dino_dist.config import config_from_dict
+from dino_dist.data import DataError, LabelledImageDataset, eval_transform
+from dino_dist.dist import init_distributed, teardown
+from dino_dist.knn import knn_accuracy
+from dino_dist.models import build_backbone
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="dino-knn", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--train-data", required=True, type=Path)
+    parser.add_argument("--val-data", required=True, type=Path)
+    parser.add_argument("--k", type=int, default=20)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="default: the checkpoint's eval.image_size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser.parse_args(argv)
+
+
+def teacher_backbone(checkpoint: Path, device):
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    cfg = config_from_dict(state["config"])
+    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0)
+    weights = {k[len("backbone."):]: v for k, v in state["teacher"].items()
+               if k.startswith("backbone.")}
+    backbone.load_state_dict(weights, strict=True)
+    return backbone.to(device), cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = init_distributed(args.device)
+    try:
+        backbone, cfg = teacher_backbone(args.checkpoint, env.device)
+        transform = eval_transform(args.image_size or cfg.eval.image_size)
+        train_set = LabelledImageDataset(args.train_data, transform)
+        val_set = LabelledImageDataset(args.val_data, transform)
+        top1, top5 = knn_accuracy(backbone, train_set, val_set, env, args.k, args.temperature,
+                                  args.batch_size, args.num_workers)
+    except (CheckpointError, DataError) as err:
+        print(f"dino-knn: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    if env.is_main:
+        print(f"k-NN k={args.k} T={args.temperature}: top-1 {top1:.2f}% top-5 {top5:.2f}% "
+              f"({len(val_set)} val images, {len(train_set)} train images)")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

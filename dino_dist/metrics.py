@@ -1,0 +1,106 @@
+"""Where a run reports: the console line, log.txt, metrics.jsonl and TensorBoard.
+
+Only global rank 0 writes; on other ranks every method is a no-op and their logger is set to
+errors only, so a job of N processes prints each line once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LOGGER_NAME = "dino_dist"
+
+
+def setup_logging(output_dir: Path | None, is_main: bool) -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.ERROR)
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    logger.addHandler(console)
+    if is_main and output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(output_dir / "log.txt")
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.jsonl_path = output_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tb"))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(f"train/{name}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class ThroughputMeter:
+    """Images/s and the share of wall time spent waiting for data, per logging window."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.window_start = time.perf_counter()
+        self.data_wait = 0.0
+        self.images = 0
+
+    def add_wait(self, seconds: float) -> None:
+        self.data_wait += seconds
+
+    def add_images(self, count: int) -> None:
+        self.images += count
+
+    def read(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        return self.images / elapsed, self.data_wait / elapsed
+
+
+def console_line(step: int, total: int, values: dict, eta_s: float) -> str:
+    return (f"step {step}/{total} ep {values['epoch']} loss {values['loss']:.4f} "
+            f"lr {values['lr']:.2e} wd {values['wd']:.3f} mom {values['teacher_momentum']:.4f} "
+            f"T_t {values['teacher_temp']:.3f} gnorm {values['grad_norm']:.3f} "
+            f"{values['images_per_s']:.1f} img/s data {100 * values['data_wait_share']:.0f}% "
+            f"mem {values['peak_memory_mb']:.0f}MB eta {format_eta(eta_s)}")

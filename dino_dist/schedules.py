@@ -1,0 +1,70 @@
+"""Per-optimizer-step schedule arrays, indexed by the global step (as in the DINO code).
+
+Precomputing them makes a resumed run, a run with more ranks or a run with accumulation read
+exactly the same values at the same step: nothing depends on wall time or on a counter kept
+elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dino_dist.config import Config
+
+
+def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from `warmup_start` to `base`, then a half cosine from `base` to `final`."""
+    warmup_steps = min(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
+    decay_steps = epochs * steps_per_epoch - warmup_steps
+    t = np.arange(decay_steps)
+    decay = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(decay_steps, 1)))
+    return np.concatenate((warmup, decay))
+
+
+def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
+                          steps_per_epoch: int) -> np.ndarray:
+    """Linear warm-up *per epoch* (constant within an epoch), as the reference recipe does."""
+    warmup_epochs = min(warmup_epochs, epochs)
+    per_epoch = np.concatenate((np.linspace(warmup_temp, temp, warmup_epochs),
+                                np.full(epochs - warmup_epochs, temp)))
+    return np.repeat(per_epoch, steps_per_epoch)
+
+
+def total_batch_size(cfg: Config, world_size: int) -> int:
+    return cfg.optim.batch_size_per_gpu * world_size * cfg.optim.accum_steps
+
+
+@dataclass
+class Schedules:
+    lr: np.ndarray
+    wd: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    steps_per_epoch: int
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.lr)
+
+    def at(self, step: int) -> dict[str, float]:
+        return {"lr": float(self.lr[step]), "wd": float(self.wd[step]),
+                "teacher_momentum": float(self.momentum[step]),
+                "teacher_temp": float(self.teacher_temp[step])}
+
+
+def build_schedules(cfg: Config, world_size: int, steps_per_epoch: int) -> Schedules:
+    o, epochs = cfg.optim, cfg.train.epochs
+    peak_lr = o.lr * total_batch_size(cfg, world_size) / 256.0  # linear scaling rule
+    return Schedules(
+        lr=cosine_schedule(peak_lr, o.min_lr, epochs, steps_per_epoch, o.warmup_epochs),
+        wd=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch),
+        momentum=cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, epochs,
+                                 steps_per_epoch),
+        teacher_temp=teacher_temp_schedule(cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
+                                           cfg.loss.warmup_teacher_temp_epochs, epochs,
+                                           steps_per_epoch),
+        steps_per_epoch=steps_per_epoch,
+    )

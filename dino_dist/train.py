@@ -1,0 +1,124 @@
+"""`dino-train`: parse → build → run. The same entry serves a plain process, torchrun and SLURM.
+
+    dino-train                                   # the CPU demo (configs/demo.yaml)
+    dino-train --config configs/vit_small_16.yaml data.path=/data/train optim.lr=1e-4
+    torchrun --nproc_per_node=8 -m dino_dist.train --config configs/vit_small_16.yaml ...
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from dino_dist.checkpoint import (CheckpointError, load_newest_valid, restore_training_state,
+                                  save_checkpoint, training_state)
+from dino_dist.config import Config, ConfigError, dump_config, load_config
+from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
+from dino_dist.dist import DistEnv, barrier, init_distributed, teardown
+from dino_dist.engine import NonFiniteLossError
+from dino_dist.final_eval import report_knn_at_end
+from dino_dist.loop import Position, train_loop
+from dino_dist.metrics import MetricsWriter, setup_logging
+
+LOG = logging.getLogger("dino_dist")
+USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dino-train", description="Train a DINO model (no --config: the CPU demo).")
+    parser.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if cfg.data.path != "demo":
+            resolve_data_root(cfg.data)  # a bad folder fails before any process group starts
+    except USER_ERRORS as err:
+        print(f"dino-train: error: {err}", file=sys.stderr)
+        return 2
+    env = init_distributed(cfg.train.device)
+    try:
+        run(cfg, env)
+        return 0
+    except USER_ERRORS as err:
+        if env.is_main:
+            LOG.error("dino-train: error: %s", err)
+        return 1
+    finally:
+        teardown()
+
+
+def write_resolved_config(cfg: Config, output_dir: Path) -> None:
+    """config.yaml is written once; a restart with other settings is logged, not overwritten."""
+    path = output_dir / "config.yaml"
+    if not path.exists():
+        dump_config(cfg, path)
+        return
+    before = yaml.safe_load(path.read_text()) or {}
+    changed = [f"{s}.{k}: {before.get(s, {}).get(k)!r} -> {v!r}"
+               for s, values in cfg.to_dict().items() for k, v in values.items()
+               if before.get(s, {}).get(k) != v]
+    if changed:
+        LOG.info("config differs from %s: %s", path, "; ".join(changed))
+
+
+def run(cfg: Config, env: DistEnv) -> Position:
+    from dino_dist.build import build_training  # heavy imports after argument checks
+
+    output_dir = Path(cfg.train.output_dir)
+    setup_logging(output_dir, env.is_main)
+    if env.is_main:
+        write_resolved_config(cfg, output_dir)
+    if cfg.data.path == "demo" and env.is_local_main:
+        ensure_demo_dataset(cfg.data.demo_dir or None)  # node-local work: once per node
+    barrier()
+    LOG.info("rank %d of %d on %s; output in %s", env.rank, env.world_size, env.device, output_dir)
+    training = build_training(cfg, env)
+    engine = training.engine
+    start = resume_if_possible(engine, output_dir / "checkpoints", env)
+    metrics = MetricsWriter(output_dir, env.is_main, cfg.log.tensorboard)
+    saved_at = {start.step}
+
+    def save(pos: Position) -> None:
+        state = training_state(engine, cfg.to_dict(), pos.step, pos.epoch, pos.epoch_step)
+        path = save_checkpoint(output_dir / "checkpoints", state, env.is_main)
+        saved_at.add(pos.step)
+        LOG.info("saved %s", path)
+
+    try:
+        LOG.info("training %s for %d steps (%d per epoch), total batch %d", cfg.model.arch,
+                 engine.schedules.total_steps, engine.schedules.steps_per_epoch,
+                 cfg.optim.batch_size_per_gpu * env.world_size * cfg.optim.accum_steps)
+        end = train_loop(cfg, env, engine, training.loader, training.sampler, metrics, start, save)
+        if end.step not in saved_at:
+            save(end)
+        if cfg.eval.knn_at_end:
+            report_knn_at_end(cfg, env, training.teacher, metrics, end.step)
+    finally:
+        metrics.close()
+    return end
+
+
+def resume_if_possible(engine, checkpoint_dir: Path, env: DistEnv) -> Position:
+    path, state = load_newest_valid(checkpoint_dir, map_location=env.device)
+    if state is None:
+        return Position()
+    restore_training_state(engine, state)
+    LOG.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
+    return Position(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)))
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
