@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_train, tiny_overrides, write_image_folder
+from tests.conftest import max_relative_error, run_train, tiny_overrides, write_image_folder
 
 STEPS = 6
 BATCH = 8
@@ -20,31 +20,6 @@ BATCH = 8
 def final_state(run_dir: Path) -> dict:
     path = run_dir / "checkpoints" / f"step_{STEPS:08d}.pt"
     return torch.load(path, weights_only=True)
-
-
-def without_key_bias(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Drop the attention key bias from a comparison.
-
-    Adding a constant to every key shifts all of a query's logits equally, so softmax makes
-    the key bias's gradient exactly zero in exact arithmetic. What the backward produces is
-    rounding noise (~1e-10), which AdamW normalises into lr-sized steps of random sign:
-    that slice is noise by construction in *any* two runs, not a sign of wrong math.
-    """
-    if not key.endswith("attn.qkv.bias"):
-        return tensor
-    third = tensor.numel() // 3
-    return torch.cat((tensor[:third], tensor[2 * third:]))
-
-
-def max_relative_error(a: dict, b: dict) -> tuple[float, str]:
-    worst, worst_key = 0.0, ""
-    for key in b:
-        x = without_key_bias(key, a[key].double())
-        y = without_key_bias(key, b[key].double())
-        err = ((x - y).norm() / y.norm().clamp_min(1e-12)).item()
-        if err > worst:
-            worst, worst_key = err, key
-    return worst, worst_key
 
 
 @pytest.fixture(scope="module")

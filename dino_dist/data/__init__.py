@@ -1,0 +1,24 @@
+"""Data: multi-crop augmentation, image folders, the demo dataset and the train loader."""
+
+from .augment import MultiCropAugmentation, eval_transform, sample_seed
+from .demo import default_demo_dir, ensure_demo_dataset
+from .folder import DataError, LabelledImageDataset, MultiCropDataset, find_images
+from .loader import build_train_loader, collate_multicrop, demo_val_root, resolve_data_root
+from .sampler import ShardedEpochSampler
+
+__all__ = [
+    "DataError",
+    "LabelledImageDataset",
+    "MultiCropAugmentation",
+    "MultiCropDataset",
+    "ShardedEpochSampler",
+    "build_train_loader",
+    "collate_multicrop",
+    "default_demo_dir",
+    "demo_val_root",
+    "ensure_demo_dataset",
+    "eval_transform",
+    "find_images",
+    "resolve_data_root",
+    "sample_seed",
+]

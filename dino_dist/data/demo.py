@@ -1,0 +1,243 @@
+"""A small built-in image dataset so training runs with no download.
+
+Ten shape/pattern classes drawn at random position, scale, rotation and colours.
+Colours are drawn independently of the class, so only shape tells classes apart:
+a self-supervised model has something to learn, colour statistics give nothing away.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+GENERATOR_VERSION = 1
+IMAGE_SIZE = 48
+SUPERSAMPLE = 2  # shapes are drawn at 2x and averaged down, which anti-aliases edges
+PER_CLASS_TRAIN = 260
+PER_CLASS_VAL = 60
+SPLIT_IDS = {"train": 0, "val": 1}
+
+Mask = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+
+
+def default_demo_dir() -> Path:
+    cache = os.environ.get("DINO_DIST_CACHE")
+    return Path(cache) / "demo" if cache else Path.home() / ".cache" / "dino_dist" / "demo"
+
+
+# Each mask takes shape-local coordinates (u, v), where the shape spans roughly
+# the unit disc, and returns a boolean foreground mask.
+
+def _circle(u, v, rng):
+    return u**2 + v**2 <= 1.0
+
+
+def _ring(u, v, rng):
+    radius = np.sqrt(u**2 + v**2)
+    return (radius <= 1.0) & (radius >= rng.uniform(0.5, 0.7))
+
+
+def _square_outline(u, v, rng):
+    box = np.maximum(np.abs(u), np.abs(v))
+    return (box <= 0.85) & (box >= 0.85 - rng.uniform(0.22, 0.35))
+
+
+def _triangle(u, v, rng):
+    # Equilateral triangle inscribed in the unit circle: three half-planes.
+    inside = np.ones_like(u, dtype=bool)
+    for angle in (np.pi / 2, np.pi / 2 + 2 * np.pi / 3, np.pi / 2 + 4 * np.pi / 3):
+        inside &= u * np.cos(angle) + v * np.sin(angle) >= -0.5
+    return inside
+
+
+def _cross(u, v, rng):
+    arm = rng.uniform(0.2, 0.3)
+    return ((np.abs(u) <= arm) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= arm) & (np.abs(u) <= 1.0))
+
+
+def _patch(u, v):
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.9
+
+
+def _stripes(u, v, rng):
+    period = rng.uniform(0.4, 0.55)
+    return _patch(u, v) & (np.mod(v, period) < period / 2)
+
+
+def _checkerboard(u, v, rng):
+    cells = rng.uniform(0.4, 0.55)
+    parity = np.floor(u / cells) + np.floor(v / cells)
+    return _patch(u, v) & (np.mod(parity, 2) == 0)
+
+
+def _dots(u, v, rng):
+    spacing = rng.uniform(0.45, 0.6)
+    du = np.mod(u, spacing) - spacing / 2
+    dv = np.mod(v, spacing) - spacing / 2
+    return _patch(u, v) & (du**2 + dv**2 <= (0.3 * spacing) ** 2)
+
+
+def _star(u, v, rng):
+    # Five-pointed star: within each tenth of a turn the edge is the straight line
+    # from a tip (radius 1, angle 0) to a valley (radius `inner`, angle pi/5).
+    inner, half_sector = 0.42, np.pi / 5
+    angle = np.mod(np.arctan2(v, u), 2 * half_sector)
+    angle = np.minimum(angle, 2 * half_sector - angle)
+    edge = inner * np.sin(half_sector) / (
+        inner * np.sin(half_sector) * np.cos(angle) - np.sin(angle) * (inner * np.cos(half_sector) - 1)
+    )
+    return np.sqrt(u**2 + v**2) <= edge
+
+
+def _any_angle(rng):
+    return rng.uniform(0, 2 * np.pi)
+
+
+def _near_horizontal(rng):
+    return rng.uniform(-np.pi / 12, np.pi / 12)
+
+
+def _near_diagonal(rng):
+    # Either diagonal: a horizontal flip turns one into the other anyway.
+    return rng.choice([np.pi / 4, 3 * np.pi / 4]) + rng.uniform(-np.pi / 12, np.pi / 12)
+
+
+# Stripe classes keep their orientation (it is what separates them); the rest
+# are rotated freely.
+CLASSES: list[tuple[str, Mask, Callable]] = [
+    ("circle", _circle, _any_angle),
+    ("ring", _ring, _any_angle),
+    ("square_outline", _square_outline, _any_angle),
+    ("triangle", _triangle, _any_angle),
+    ("cross", _cross, _any_angle),
+    ("horizontal_stripes", _stripes, _near_horizontal),
+    ("diagonal_stripes", _stripes, _near_diagonal),
+    ("checkerboard", _checkerboard, _any_angle),
+    ("dots_grid", _dots, _any_angle),
+    ("star", _star, _any_angle),
+]
+CLASS_FOLDERS = [f"{label:02d}_{name}" for label, (name, _, _) in enumerate(CLASSES)]
+
+
+def _smooth_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Low-frequency noise in [0, 1]: a coarse random grid upsampled bicubically."""
+    cells = int(rng.integers(2, 7))
+    coarse = Image.fromarray(rng.uniform(0, 1, (cells, cells)).astype(np.float32), mode="F")
+    return np.clip(np.asarray(coarse.resize((size, size), Image.BICUBIC)), 0, 1)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    # Independent of the class; redrawn until the shape stands out from the background.
+    background = rng.uniform(0, 1, 3)
+    for _ in range(100):
+        foreground = rng.uniform(0, 1, 3)
+        if np.linalg.norm(foreground - background) >= 0.5:
+            break
+    return foreground, background
+
+
+def _shape_alpha(rng: np.random.Generator, mask: Mask, angle: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of a randomly placed, scaled and rotated shape."""
+    fine = IMAGE_SIZE * SUPERSAMPLE
+    centre_x, centre_y = rng.uniform(0.3, 0.7, 2) * IMAGE_SIZE
+    radius = rng.uniform(0.22, 0.4) * IMAGE_SIZE
+    pixels = (np.arange(fine) + 0.5) / SUPERSAMPLE
+    x, y = np.meshgrid((pixels - centre_x) / radius, (pixels - centre_y) / radius)
+    cos, sin = np.cos(angle), np.sin(angle)
+    covered = mask(cos * x + sin * y, -sin * x + cos * y, rng).astype(np.float32)
+    return covered.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
+
+
+def render_image(rng: np.random.Generator, label: int) -> np.ndarray:
+    """One HxWx3 uint8 image of class `label`."""
+    _, mask, draw_angle = CLASSES[label]
+    foreground, background = _colour_pair(rng)
+    second_background = np.clip(background + rng.normal(0, 0.2, 3), 0, 1)
+    texture = _smooth_field(rng, IMAGE_SIZE)[..., None]
+    backdrop = background * (1 - texture) + second_background * texture
+    # A mild linear shading so the shape is not a flat colour.
+    ramp = np.linspace(-1, 1, IMAGE_SIZE)
+    direction = rng.uniform(0, 2 * np.pi)
+    shading = 0.08 * (np.cos(direction) * ramp[None, :] + np.sin(direction) * ramp[:, None])
+    shape = np.clip(foreground + shading[..., None], 0, 1)
+    alpha = _shape_alpha(rng, mask, draw_angle(rng))[..., None]
+    image = backdrop * (1 - alpha) + shape * alpha + rng.normal(0, 0.03, backdrop.shape)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn only when the shown percentage changes."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done = 0
+        self.shown_percent = -1
+
+    def advance(self) -> None:
+        self.done += 1
+        percent = 100 * self.done // self.total
+        if not self.enabled or percent == self.shown_percent:
+            return
+        self.shown_percent = percent
+        filled = percent * 30 // 100
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {percent:3d}%")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _generate(target: Path, per_split: dict[str, int], progress: bool) -> None:
+    total = len(CLASSES) * sum(per_split.values())
+    bar = _ProgressBar(total, f"generating demo images in {target.parent}", progress)
+    for split, per_class in per_split.items():
+        for label, folder in enumerate(CLASS_FOLDERS):
+            class_dir = target / split / folder
+            class_dir.mkdir(parents=True)
+            for number in range(per_class):
+                # Seeded per image: the content does not depend on generation order.
+                rng = np.random.default_rng([GENERATOR_VERSION, SPLIT_IDS[split], label, number])
+                Image.fromarray(render_image(rng, label)).save(class_dir / f"{number:04d}.png")
+                bar.advance()
+
+
+def ensure_demo_dataset(
+    root: str | Path | None = None,
+    progress: bool = True,
+    *,
+    per_class_train: int = PER_CLASS_TRAIN,
+    per_class_val: int = PER_CLASS_VAL,
+) -> Path:
+    """Return a folder holding `train/` and `val/` ImageFolder trees, generating it once.
+
+    The generator version and the counts are part of the folder name, so a
+    changed generator or a different size never reuses old images.
+    """
+    if per_class_train < 1 or per_class_val < 1:
+        raise ValueError(f"per_class_train and per_class_val must be positive, got {per_class_train}, {per_class_val}")
+    root = Path(root).expanduser() if root else default_demo_dir()
+    final = root / f"demo-v{GENERATOR_VERSION}-train{per_class_train}-val{per_class_val}"
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    # Built under a private hidden name and renamed into place only when complete:
+    # an interrupted run leaves only the hidden folder, which is never used.
+    temporary = root / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    if temporary.exists():
+        # Same host and pid as us: left by a dead process whose pid we inherited.
+        shutil.rmtree(temporary)
+    _generate(temporary, {"train": per_class_train, "val": per_class_val}, progress)
+    try:
+        os.rename(temporary, final)
+    except OSError:
+        # Another process (e.g. a rank on the same node) finished first; use its copy.
+        if not final.is_dir():
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+    return final

@@ -1,0 +1,86 @@
+"""The training DataLoader: multi-crop dataset + resumable sharded sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .augment import MultiCropAugmentation
+from .demo import ensure_demo_dataset
+from .folder import DataError, MultiCropDataset, find_images
+from .sampler import ShardedEpochSampler
+
+DEMO = "demo"
+
+
+def _demo_root(cfg: Any) -> Path:
+    # ensure_demo_dataset is race-safe, so several ranks may call it at once.
+    return ensure_demo_dataset(cfg.demo_dir or None)
+
+
+def resolve_data_root(cfg: Any) -> Path:
+    """The training image folder; a bad data.path fails here, before any process starts."""
+    if cfg.path == DEMO:
+        return _demo_root(cfg) / "train"
+    root = Path(cfg.path).expanduser()
+    find_images(root)
+    return root
+
+
+def demo_val_root(cfg: Any) -> Path:
+    """The demo dataset's validation split (an ImageFolder tree)."""
+    return _demo_root(cfg) / "val"
+
+
+def collate_multicrop(
+    batch: list[tuple[list[torch.Tensor], int, int]],
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Stack samples into one [B, C, H, W] tensor per crop position, plus labels and skip count."""
+    crops_per_sample, labels, skipped = zip(*batch)
+    crops = [torch.stack(position) for position in zip(*crops_per_sample)]
+    return crops, torch.tensor(labels, dtype=torch.long), sum(skipped)
+
+
+def _check_loader_settings(cfg: Any, batch_size: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"batch size per rank is {batch_size}: set it to at least 1")
+    if cfg.num_workers < 0:
+        raise DataError(f"data.num_workers is {cfg.num_workers}: set it to 0 or more")
+    if cfg.num_workers > 0 and cfg.prefetch_factor < 1:
+        raise DataError(f"data.prefetch_factor is {cfg.prefetch_factor}: set it to at least 1")
+
+
+def build_train_loader(
+    cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, pin_memory: bool = False,
+) -> tuple[DataLoader, ShardedEpochSampler, MultiCropDataset]:
+    """DataLoader yielding (crops, labels, skipped) batches of `batch_size` for this rank."""
+    _check_loader_settings(cfg, batch_size)
+    augmentation = MultiCropAugmentation(
+        cfg.global_crops_number, cfg.global_crop_size, cfg.global_crops_scale,
+        cfg.local_crops_number, cfg.local_crop_size, cfg.local_crops_scale,
+    )
+    dataset = MultiCropDataset(resolve_data_root(cfg), augmentation, seed)
+    sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
+    if sampler.samples_per_rank < batch_size:
+        raise DataError(
+            f"{len(dataset)} images give {sampler.samples_per_rank} per rank on {world_size} rank(s), "
+            f"fewer than one batch of {batch_size}: lower the batch size or add images"
+        )
+    workers = cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=collate_multicrop,
+        pin_memory=pin_memory,
+        # Workers hold no per-epoch state (the epoch travels in each key), so keeping
+        # them alive across epochs is safe and saves their start-up cost.
+        persistent_workers=workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+    )
+    return loader, sampler, dataset

@@ -1,0 +1,145 @@
+"""The optimizer step: short accumulation groups, precisions, and stopping on a bad loss."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dino_dist.build import build_optimizer, build_student_teacher, seed_everything
+from dino_dist.config import load_config
+from dino_dist.dist import DistEnv
+from dino_dist.engine import DinoEngine
+from dino_dist.loss import DINOLoss
+from dino_dist.models import last_layer_parameters
+from dino_dist.schedules import build_schedules
+from tests.conftest import REPO, free_port, max_relative_error, run_train, subprocess_env, tiny_overrides
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def make_engine(cfg) -> DinoEngine:
+    seed_everything(0)
+    student, teacher = build_student_teacher(cfg)
+    return DinoEngine(student, student, teacher, DINOLoss(cfg.model.out_dim),
+                      build_optimizer(student, cfg, CPU.device),
+                      build_schedules(cfg, 1, steps_per_epoch=4), CPU,
+                      precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
+                      last_layer_params=last_layer_parameters(student))
+
+
+def tiny_cfg(tmp_path, **extra):
+    return load_config(None, tiny_overrides(tmp_path, tmp_path, **extra))
+
+
+def random_crops(batch: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(2)] + \
+           [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(2)]
+
+
+def test_short_group_is_an_exact_mean(tmp_path):
+    """Two micro-batches weighted 1/2 (an epoch's short last group) equal one batch of both."""
+    cfg = tiny_cfg(tmp_path)
+    crops_a, crops_b = random_crops(4, 1), random_crops(4, 2)
+    split = make_engine(cfg)
+    for step in range(3):
+        split.micro_step(crops_a, step, 0.5, sync_grads=False)
+        split.micro_step(crops_b, step, 0.5, sync_grads=True)
+        split.finish_step(step, epoch=1)
+    whole = make_engine(cfg)
+    for step in range(3):
+        whole.micro_step([torch.cat(p) for p in zip(crops_a, crops_b)], step, 1.0, sync_grads=True)
+        whole.finish_step(step, epoch=1)
+    for part in ("student_module", "teacher", "loss_fn"):
+        err, key = max_relative_error(getattr(split, part).state_dict(),
+                                      getattr(whole, part).state_dict())
+        assert err < 1e-5, f"{part}.{key} differs by {err:.2e}"
+
+
+def test_last_layer_frozen_during_first_epochs(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    engine = make_engine(cfg)
+    engine.freeze_last_layer_epochs = 1
+    frozen = [p.detach().clone() for p in engine.last_layer_params]
+    engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
+    engine.finish_step(1, epoch=0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, engine.last_layer_params))
+    engine.micro_step(random_crops(4, 0), 2, 1.0, sync_grads=True)
+    engine.finish_step(2, epoch=1)
+    assert not all(torch.equal(a, b) for a, b in zip(frozen, engine.last_layer_params))
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_clipping_caps_gradient_norms(tmp_path, mode):
+    cfg = tiny_cfg(tmp_path, **{"optim.clip_grad": 0.01, "optim.clip_mode": mode})
+    engine = make_engine(cfg)
+    engine.clip_mode = mode
+    engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
+    norm_before = engine._clip_gradients()
+    grads = [p.grad for p in engine.trainable if p.grad is not None]
+    norms = torch.stack([g.norm() for g in grads])
+    assert norm_before > 0.01
+    if mode == "per_param":
+        assert norms.max() <= 0.01 * (1 + 1e-4)
+    else:
+        assert norms.norm() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_teacher_is_an_ema_of_the_student(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    engine = make_engine(cfg)
+    before = [p.detach().clone() for p in engine.teacher.parameters()]
+    engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
+    engine.finish_step(1, epoch=1)
+    m = float(engine.schedules.momentum[1])
+    for t0, t1, s in zip(before, engine.teacher.parameters(), engine.student_module.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s.detach(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu(tmp_path, precision, image_folder):
+    run_train(tiny_overrides(image_folder, tmp_path, **{
+        "train.precision": precision, "train.max_steps": 3}))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite
+    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=True)
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0 and "skipped_steps" in records[-1]
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from dino_dist import loss as loss_module
+forward, calls = loss_module.DINOLoss.forward, []
+def poisoned(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) >= 3:
+        return out * float("nan")
+    return out
+loss_module.DINOLoss.forward = poisoned
+from dino_dist.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, image_folder):
+    script = tmp_path / "nan_run.py"
+    script.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
+           *tiny_overrides(image_folder, out, **{"optim.batch_size_per_gpu": 4,
+                                                 "checkpoint.every_steps": 1})]
+    result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=180)  # a hung rank would hit this timeout
+    assert result.returncode != 0
+    messages = [l for l in result.stdout.splitlines() if "loss is not finite at step 2" in l]
+    assert len(messages) == 1, result.stdout + result.stderr  # printed once, by rank 0
+    assert "all ranks stopped" in messages[0]
+    assert (out / "checkpoints" / "step_00000002.pt").is_file()  # earlier work is kept
+    assert not (out / "checkpoints" / "step_00000003.pt").exists()
