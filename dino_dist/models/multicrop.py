@@ -1,0 +1,40 @@
+"""Backbone + head wrapper that batches crops of equal resolution."""
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+
+Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def resolution_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """(start, end) index ranges of consecutive crops sharing their last dim."""
+    groups = []
+    start = 0
+    for index in range(1, len(crops) + 1):
+        if index == len(crops) or crops[index].shape[-1] != crops[start].shape[-1]:
+            groups.append((start, index))
+            start = index
+    return groups
+
+
+class MultiCropWrapper(nn.Module):
+    """Runs the backbone once per resolution group and the head once overall.
+
+    Output rows are crop-major: all of crop 0's batch, then crop 1's, and so on.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: Crops) -> torch.Tensor:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        features = [
+            self.backbone(torch.cat(list(crops[start:end])))
+            for start, end in resolution_groups(crops)
+        ]
+        # One head pass over everything keeps BatchNorm statistics (if any) global.
+        return self.head(torch.cat(features))

@@ -1,0 +1,194 @@
+"""Vision Transformer backbone in the layout of the official DINO release.
+
+Module and parameter names mirror facebookresearch/dino `vision_transformer.py`
+so that official checkpoints load with `strict=True` and ours load there.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_NORM_EPS = 1e-6
+INIT_STD = 0.02
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Zero whole samples of a residual branch and rescale the survivors."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    # One Bernoulli draw per sample, broadcast over all remaining dims.
+    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    keep_mask = torch.floor(keep_prob + torch.rand(mask_shape, dtype=x.dtype, device=x.device))
+    return x.div(keep_prob) * keep_mask
+
+
+class DropPath(nn.Module):
+    """Stochastic depth; holds no state so it never shows up in a state_dict."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.4f}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        # SDPA's default scale is head_dim**-0.5, the same as the official code.
+        attended = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        # One module serves both branches; each call draws a fresh mask.
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches projected by a strided convolution."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Resize the patch part of `pos_embed` to a rows x cols grid, as official DINO does.
+
+    Official quirks kept on purpose so features match released checkpoints:
+    the target counts get +0.1 (avoids floor() landing one short), and the
+    interpolation is driven by `scale_factor`, which the bicubic kernel uses
+    directly for the coordinate mapping (not the ratio of output sizes).
+    """
+    cls_pos = pos_embed[:, :1]
+    patch_pos = pos_embed[:, 1:]
+    num_patches, dim = patch_pos.shape[1], patch_pos.shape[2]
+    side = math.sqrt(num_patches)
+    rows_f, cols_f = rows + 0.1, cols + 0.1
+    grid = patch_pos.reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(rows_f / side, cols_f / side), mode="bicubic")
+    if grid.shape[-2:] != (rows, cols):
+        raise RuntimeError(f"pos_embed interpolated to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+    return torch.cat((cls_pos, patch_pos), dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """DINO ViT backbone; `forward` returns the normalised CLS token [B, embed_dim]."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        # Deeper blocks are dropped more often (official stochastic depth decay rule).
+        # Computed on the CPU so the model can also be built under a meta device.
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate) for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=INIT_STD)
+        nn.init.trunc_normal_(self.cls_token, std=INIT_STD)
+        # The patch-embedding conv keeps PyTorch's default init, as upstream.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def pos_embed_for(self, height: int, width: int) -> torch.Tensor:
+        rows, cols = height // self.patch_size, width // self.patch_size
+        # Upstream skips interpolation only for the training grid itself.
+        if rows * cols == self.patch_embed.num_patches and height == width:
+            return self.pos_embed
+        return interpolate_pos_embed(self.pos_embed, rows, cols)
+
+    def prepare_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with the CLS token prepended and positions added."""
+        height, width = images.shape[-2:]
+        patches = self.patch_embed(images)
+        cls = self.cls_token.expand(images.shape[0], -1, -1)
+        tokens = torch.cat((cls, patches), dim=1)
+        return tokens + self.pos_embed_for(height, width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.prepare_tokens(images)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)[:, 0]
+
+    def get_intermediate_layers(self, images: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Normalised tokens of the last `n` blocks (used by linear evaluation)."""
+        tokens = self.prepare_tokens(images)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if len(self.blocks) - index <= n:
+                outputs.append(self.norm(tokens))
+        return outputs
