@@ -32,7 +32,7 @@ def seed_everything(seed: int) -> None:
 def build_student_teacher(cfg: Config) -> tuple[nn.Module, nn.Module]:
     """Student and teacher start identical; the teacher has no stochastic depth."""
     m = cfg.model
-    common = dict(arch=m.arch, patch_size=m.patch_size, out_dim=m.out_dim,
+    common = dict(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, out_dim=m.out_dim,
                   use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
                   head_hidden_dim=m.head_hidden_dim, head_bottleneck_dim=m.head_bottleneck_dim)
     student = build_model(drop_path_rate=m.drop_path_rate, **common)

@@ -33,6 +33,9 @@ class DataConfig:
     local_crops_number: int = 10
     local_crop_size: int = 96
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # Gaussian-blur sigma range in pixels; the paper's (0.1, 2.0) is meant for 224 px crops,
+    # so small-image runs scale it down with the crop size.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     demo_dir: str = ""
 
 
@@ -40,6 +43,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = "vit_small"
     patch_size: int = 16
+    # Resolution the ViT's position table is stored at (other sizes are interpolated);
+    # 224 keeps official checkpoints loadable, small-image runs set their crop size.
+    img_size: int = 224
     drop_path_rate: float = 0.1
     out_dim: int = 65536
     use_bn_in_head: bool = False
@@ -130,7 +136,7 @@ CHOICES = {
 }
 POSITIVE = (
     "optim.batch_size_per_gpu", "optim.accum_steps", "train.epochs", "model.out_dim",
-    "model.patch_size", "data.global_crops_number", "data.global_crop_size",
+    "model.patch_size", "model.img_size", "data.global_crops_number", "data.global_crop_size",
     "data.local_crop_size", "log.every_steps", "eval.knn_k", "eval.batch_size",
     "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "eval.image_size",
     "eval.knn_temperature", "model.head_hidden_dim", "model.head_bottleneck_dim",
@@ -259,6 +265,8 @@ def validate(cfg: Config) -> None:
     for key in ("data.global_crops_scale", "data.local_crops_scale"):
         _check(cfg, key, lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
                "must be [low, high] with 0 < low <= high <= 1")
+    _check(cfg, "data.blur_sigma", lambda v: len(v) == 2 and 0 < v[0] <= v[1],
+           "must be [low, high] with 0 < low <= high")
     _check(cfg, "optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
            "must be [beta1, beta2] with each in [0, 1)")
     if cfg.model.arch.startswith("vit"):

@@ -34,7 +34,7 @@ def knn_folders(cfg: Config) -> tuple[Path, Path]:
 def random_init_backbone(cfg: Config) -> nn.Module:
     """The student's backbone exactly as it was before training (same seed, same init)."""
     torch.manual_seed(cfg.train.seed)
-    return build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0)
+    return build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
 
 
 def report_knn_at_end(cfg: Config, env: DistEnv, teacher: nn.Module, metrics: MetricsWriter,

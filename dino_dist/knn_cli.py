@@ -35,7 +35,7 @@ def parse_args(argv):
 def teacher_backbone(checkpoint: Path, device):
     state = load_checkpoint(checkpoint, map_location="cpu")
     cfg = config_from_dict(state["config"])
-    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0)
+    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
     weights = {k[len("backbone."):]: v for k, v in state["teacher"].items()
                if k.startswith("backbone.")}
     backbone.load_state_dict(weights, strict=True)

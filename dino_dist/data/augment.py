@@ -45,7 +45,8 @@ def _normalise() -> v2.Compose:
     ])
 
 
-def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float) -> v2.Compose:
+def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float,
+                   blur_sigma: Sequence[float] = BLUR_SIGMA) -> v2.Compose:
     # Crop first so the colour work runs on the small crop, and stay in uint8
     # until the end: it is cheaper and solarize's threshold is defined on uint8.
     steps = [
@@ -55,7 +56,7 @@ def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p:
         v2.RandomGrayscale(p=0.2),
     ]
     if blur_p > 0:
-        blur = v2.GaussianBlur(_blur_kernel_size(size), sigma=BLUR_SIGMA)
+        blur = v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))
         steps.append(blur if blur_p >= 1.0 else v2.RandomApply([blur], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
@@ -88,14 +89,18 @@ class MultiCropAugmentation:
         local_crops_number: int,
         local_crop_size: int,
         local_crops_scale: Sequence[float],
+        blur_sigma: Sequence[float] = BLUR_SIGMA,
     ) -> None:
         _check_crops("global", global_crops_number, global_crop_size, global_crops_scale, 1)
         _check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
         # Global crop 1 is always blurred; crop 2 (and any further) is rarely blurred
         # but may be solarized: the asymmetry is part of the DINO recipe.
-        first_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=1.0, solarize_p=0.0)
-        other_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=0.1, solarize_p=0.2)
-        local = _crop_pipeline(local_crop_size, local_crops_scale, blur_p=0.5, solarize_p=0.0)
+        first_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=1.0,
+                                      solarize_p=0.0, blur_sigma=blur_sigma)
+        other_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=0.1,
+                                      solarize_p=0.2, blur_sigma=blur_sigma)
+        local = _crop_pipeline(local_crop_size, local_crops_scale, blur_p=0.5, solarize_p=0.0,
+                               blur_sigma=blur_sigma)
         self.crop_pipelines = (
             [first_global]
             + [other_global] * (global_crops_number - 1)

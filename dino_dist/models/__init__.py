@@ -46,8 +46,10 @@ def build_model(
     norm_last_layer: bool = True,
     head_hidden_dim: int = 2048,
     head_bottleneck_dim: int = 256,
+    img_size: int = 224,
 ) -> MultiCropWrapper:
-    backbone = build_backbone(arch, patch_size=patch_size, drop_path_rate=drop_path_rate)
+    backbone = build_backbone(arch, patch_size=patch_size, drop_path_rate=drop_path_rate,
+                              img_size=img_size)
     head = DINOHead(
         backbone.embed_dim,
         out_dim,
