@@ -14,7 +14,7 @@ from torch import nn
 
 from dino_dist.config import Config, ConfigError
 from dino_dist.data import build_train_loader
-from dino_dist.dist import DistEnv
+from dino_dist.dist import DistEnv, configure_cpu_threads
 from dino_dist.engine import DinoEngine
 from dino_dist.loop import micro_batches_per_epoch, steps_per_epoch
 from dino_dist.loss import DINOLoss
@@ -58,6 +58,7 @@ class Training:
 
 
 def build_training(cfg: Config, env: DistEnv) -> Training:
+    configure_cpu_threads(env, cfg.data.num_workers)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_student_teacher(cfg)
     student, teacher = place_models(student, teacher, env)

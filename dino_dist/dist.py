@@ -109,3 +109,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def configure_cpu_threads(env: DistEnv, loader_workers: int) -> int:
+    """Intra-op threads for CPU training that leave one core to each data-loader worker.
+
+    On a small machine, torch's default (all cores) fights the loader workers for the same
+    cores and the step gets slower than with fewer threads. OMP_NUM_THREADS, when set (torchrun
+    sets 1), is respected as is.
+    """
+    if env.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    local_procs = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // max(local_procs, 1) - loader_workers)
+    torch.set_num_threads(threads)
+    return threads

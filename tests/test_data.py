@@ -308,7 +308,7 @@ def test_demo_generation_is_deterministic(tmp_path):
 
 
 def test_demo_leftover_temp_folder_is_ignored(tmp_path):
-    name = "demo-v1-train2-val1"
+    name = f"demo-v{demo.GENERATOR_VERSION}-train2-val1"
     leftover = tmp_path / f".{name}.tmp-otherhost-99999"
     (leftover / "train" / "junk").mkdir(parents=True)
     root = ensure_demo_dataset(tmp_path, progress=False, per_class_train=2, per_class_val=1)
@@ -321,7 +321,7 @@ def test_demo_rename_race_loser_uses_the_winners_folder(tmp_path, monkeypatch):
 
     def generate_while_another_rank_finishes(target, per_split, progress):
         real_generate(target, per_split, progress)
-        winner = tmp_path / "demo-v1-train1-val1"
+        winner = tmp_path / f"demo-v{demo.GENERATOR_VERSION}-train1-val1"
         real_generate(winner, per_split, progress)
         (winner / "winner").touch()
 
@@ -339,7 +339,7 @@ def test_demo_classes_differ_in_shape_not_in_colour(tmp_path):
     class_means = np.stack([pixels[labels == c].mean(axis=(0, 1, 2)) for c in range(10)])
     # Mean colour per class stays close to the global mean: colour is not the label.
     assert np.abs(class_means - pixels.mean(axis=(0, 1, 2))).max() < 25
-    # Yet images of one class are not copies: shapes move and colours change.
+    # Yet images of one class are not copies: shapes move, turn and swap polarity.
     assert pixels[labels == 0].std(axis=0).mean() > 30
 
 

@@ -143,3 +143,15 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, image_folder):
     assert "all ranks stopped" in messages[0]
     assert (out / "checkpoints" / "step_00000002.pt").is_file()  # earlier work is kept
     assert not (out / "checkpoints" / "step_00000003.pt").exists()
+
+
+def test_fp16_step_with_overflowing_gradients_is_skipped_and_counted(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"train.precision": "fp16"})
+    engine = make_engine(cfg)
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # gradients overflow
+    before = [p.detach().clone() for p in engine.trainable]
+    engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
+    result = engine.finish_step(1, epoch=1)
+    assert result.skipped and engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.trainable))
+    assert engine.scaler.get_scale() < 2.0**126  # the scaler backed off
