@@ -33,7 +33,7 @@ def test_lr_follows_linear_scaling_by_total_batch():
     assert sched.lr[10] == pytest.approx(peak)
     assert sched.total_steps == 30
     assert sched.momentum[0] == pytest.approx(cfg.optim.teacher_momentum)
-    assert sched.momentum[-1] == pytest.approx(1.0, abs=1e-4)
+    assert sched.momentum[-1] == pytest.approx(cfg.optim.teacher_momentum_end, abs=1e-4)
     assert sched.wd[0] == pytest.approx(cfg.optim.weight_decay)
     values = sched.at(12)
     assert set(values) == {"lr", "wd", "teacher_momentum", "teacher_temp"}
