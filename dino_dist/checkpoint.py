@@ -1,22 +1,29 @@
 """The only module that touches checkpoint files.
 
 A checkpoint is one `step_<8-digit step>.pt` file written by rank 0, loadable with
-`torch.load(weights_only=True)`. It is written under a dot-name ending in `.tmp`, flushed,
-fsynced and then `os.replace`d onto its final name, so a file with a final name is complete.
+`torch.load(weights_only=True)`, plus a small manifest `step_<...>.pt.manifest.json` (step,
+epoch, size, sha256, format version) written *after* the data file is committed. Both are
+written under dot-names ending in `.tmp`, fsynced and `os.replace`d, so a final name is never
+partial; a data file without a matching manifest (a crash between the two) does not count.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dino_dist.dist import barrier
+from dino_dist.dist import all_gather_objects, barrier
 
 LOG = logging.getLogger("dino_dist")
+FORMAT_VERSION = 1
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "config")
 
@@ -29,20 +36,25 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool) -> Path:
-    """Rank 0 writes atomically; every rank waits until the file is committed."""
-    path = directory / checkpoint_name(state["step"])
-    if is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{path.name}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    barrier()
-    return path
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".manifest.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -53,8 +65,49 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool,
+                    keep_last: int = 0, keep_every_epochs: int = 0) -> Path:
+    """Rank 0 writes data then manifest; every rank waits until both are committed.
+
+    Old checkpoints are pruned only after the new one is committed (keep_last 0 keeps all).
+    """
+    path = directory / checkpoint_name(state["step"])
+    if is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, lambda f: torch.save(state, f))
+        manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
+                    "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
+                    "size": path.stat().st_size, "sha256": _sha256(path)}
+        _write_atomically(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
+        _fsync_dir(directory)
+        if keep_last:
+            prune_checkpoints(directory, keep_last, keep_every_epochs)
+    barrier()
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint file, checked against the file; CheckpointError if not."""
+    try:
+        manifest = json.loads(manifest_path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{path}' has no manifest: its save did not finish")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint manifest of '{path}' is unreadable ({err})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{path}' has format {manifest.get('format_version')}, "
+                              f"this version reads {FORMAT_VERSION}")
+    size = path.stat().st_size if path.exists() else -1
+    if size != manifest.get("size"):
+        raise CheckpointError(f"checkpoint '{path}' is {size} bytes, its manifest says "
+                              f"{manifest.get('size')}: it is truncated or was replaced")
+    if _sha256(path) != manifest.get("sha256"):
+        raise CheckpointError(f"checkpoint '{path}' does not match its checksum: it is corrupt")
+    return manifest
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Final-named checkpoints, newest step first."""
+    """Final-named checkpoint files, newest step first (validity not checked)."""
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
@@ -62,7 +115,32 @@ def list_checkpoints(directory: Path) -> list[Path]:
                   reverse=True)
 
 
-def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+def prune_checkpoints(directory: Path, keep_last: int, keep_every_epochs: int) -> list[Path]:
+    """Delete all but the newest `keep_last` valid-looking checkpoints and epoch-end keepers."""
+    removed = []
+    for index, path in enumerate(list_checkpoints(directory)):
+        if index < keep_last:
+            continue
+        try:
+            manifest = json.loads(manifest_path(path).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        at_epoch_end = manifest.get("epoch_step") == 0
+        if keep_every_epochs and at_epoch_end and manifest.get("epoch", 0) % keep_every_epochs == 0:
+            continue
+        path.unlink(missing_ok=True)
+        manifest_path(path).unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def load_checkpoint(path: Path, map_location: torch.device | str = "cpu",
+                    verify: bool = True) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist: check the path")
+    if verify and manifest_path(path).exists():
+        read_manifest(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged archive
@@ -76,18 +154,41 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu") -> dic
 
 
 def load_newest_valid(directory: Path, map_location: torch.device | str = "cpu"):
-    """The newest checkpoint that loads, skipping (and naming) damaged newer ones."""
+    """The newest checkpoint whose manifest matches and that loads; damaged ones are named."""
     for path in list_checkpoints(directory):
         try:
-            return path, load_checkpoint(path, map_location)
+            read_manifest(path)
+            return path, load_checkpoint(path, map_location, verify=False)
         except CheckpointError as err:
             LOG.warning("skipping %s", err)
     return None, None
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def training_state(engine, config: dict[str, Any], step: int, epoch: int,
                    epoch_step: int) -> dict[str, Any]:
-    """Everything a resumed run needs, as plain tensors and containers (weights_only-safe)."""
+    """Everything a resumed run needs, as plain tensors and containers (weights_only-safe).
+
+    Collective: every rank contributes its RNG state, so call it on all ranks.
+    """
     return {
         "student": engine.student_module.state_dict(),
         "teacher": engine.teacher.state_dict(),
@@ -97,11 +198,33 @@ def training_state(engine, config: dict[str, Any], step: int, epoch: int,
         "step": step,
         "epoch": epoch,
         "epoch_step": epoch_step,
+        "world_size": engine.env.world_size,
         "skipped_steps": engine.skipped_steps,
         "skipped_images": engine.skipped_images,
         "config": config,
-        "rng": {"torch": torch.get_rng_state()},
+        "rng": [_bytes_to_tensors(s) for s in all_gather_objects(_tensors_to_bytes(rng_state()))],
     }
+
+
+# Tensors do not survive all_gather_object on every backend; RNG states travel as bytes.
+def _tensors_to_bytes(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.cpu().numpy().tobytes(), str(value.dtype).removeprefix("torch."))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_to_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tensors_to_bytes(v) for k, v in value.items()}
+    return value
+
+
+def _bytes_to_tensors(value):
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "tensor":
+        return torch.frombuffer(bytearray(value[1]), dtype=getattr(torch, value[2])).clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_bytes_to_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _bytes_to_tensors(v) for k, v in value.items()}
+    return value
 
 
 def restore_training_state(engine, state: dict[str, Any]) -> None:
@@ -113,3 +236,10 @@ def restore_training_state(engine, state: dict[str, Any]) -> None:
     engine.loss_fn.load_state_dict(state["loss"])
     engine.skipped_steps = int(state.get("skipped_steps", 0))
     engine.skipped_images = int(state.get("skipped_images", 0))
+    saved_world = state.get("world_size")
+    rng = state.get("rng")
+    if isinstance(rng, list) and saved_world == engine.env.world_size:
+        set_rng_state(rng[engine.env.rank])
+    else:
+        LOG.info("world size changed (%s -> %d): random streams restart from the seed",
+                 saved_world, engine.env.world_size)

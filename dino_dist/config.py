@@ -94,6 +94,10 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0 = only at epoch ends and at the end of the run
+    keep_last: int = 3  # newest checkpoints kept; older ones go once a new one is committed
+    keep_every_epochs: int = 0  # also keep the epoch-end checkpoint of every N-th epoch
+    resume: bool = True  # resume from the newest valid checkpoint in train.output_dir
+    resume_from: str = ""  # a checkpoint file to start from instead
 
 
 @dataclass
@@ -140,12 +144,14 @@ POSITIVE = (
     "data.local_crop_size", "log.every_steps", "eval.knn_k", "eval.batch_size",
     "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "eval.image_size",
     "eval.knn_temperature", "model.head_hidden_dim", "model.head_bottleneck_dim",
+    "checkpoint.keep_last",
 )
 NON_NEGATIVE = (
     "train.max_steps", "checkpoint.every_steps", "data.num_workers", "data.local_crops_number",
     "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
     "optim.freeze_last_layer", "optim.weight_decay", "optim.weight_decay_end",
     "loss.warmup_teacher_temp_epochs", "model.drop_path_rate", "train.seed",
+    "checkpoint.keep_every_epochs",
 )
 UNIT_INTERVAL = (
     "loss.center_momentum", "optim.teacher_momentum", "optim.teacher_momentum_end",

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from dino_dist.checkpoint import (CheckpointError, load_newest_valid, restore_training_state,
-                                  save_checkpoint, training_state)
+from dino_dist.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
+                                  load_newest_valid, restore_training_state, save_checkpoint,
+                                  training_state)
 from dino_dist.config import Config, ConfigError, dump_config, load_config
 from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
 from dino_dist.dist import DistEnv, barrier, init_distributed, teardown
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, env)
         return 0
     except USER_ERRORS as err:
-        if env.is_main:
+        if env.is_main and LOG.handlers:
             LOG.error("dino-train: error: %s", err)
+        elif env.is_main:  # failed before logging was set up
+            print(f"dino-train: error: {err}", file=sys.stderr)
         return 1
     finally:
         teardown()
@@ -74,6 +77,7 @@ def run(cfg: Config, env: DistEnv) -> Position:
     from dino_dist.build import build_training  # heavy imports after argument checks
 
     output_dir = Path(cfg.train.output_dir)
+    refuse_fresh_start_over_checkpoints(cfg, output_dir / "checkpoints")
     setup_logging(output_dir, env.is_main)
     if env.is_main:
         write_resolved_config(cfg, output_dir)
@@ -83,13 +87,14 @@ def run(cfg: Config, env: DistEnv) -> Position:
     LOG.info("rank %d of %d on %s; output in %s", env.rank, env.world_size, env.device, output_dir)
     training = build_training(cfg, env)
     engine = training.engine
-    start = resume_if_possible(engine, output_dir / "checkpoints", env)
+    start = resume_if_possible(cfg, engine, output_dir / "checkpoints", env)
     metrics = MetricsWriter(output_dir, env.is_main, cfg.log.tensorboard)
     saved_at = {start.step}
 
     def save(pos: Position) -> None:
         state = training_state(engine, cfg.to_dict(), pos.step, pos.epoch, pos.epoch_step)
-        path = save_checkpoint(output_dir / "checkpoints", state, env.is_main)
+        path = save_checkpoint(output_dir / "checkpoints", state, env.is_main,
+                               cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs)
         saved_at.add(pos.step)
         LOG.info("saved %s", path)
 
@@ -107,8 +112,23 @@ def run(cfg: Config, env: DistEnv) -> Position:
     return end
 
 
-def resume_if_possible(engine, checkpoint_dir: Path, env: DistEnv) -> Position:
-    path, state = load_newest_valid(checkpoint_dir, map_location=env.device)
+def refuse_fresh_start_over_checkpoints(cfg: Config, checkpoint_dir: Path) -> None:
+    """checkpoint.resume=false must never write over (or prune) an earlier run's checkpoints."""
+    existing = list_checkpoints(checkpoint_dir)
+    if not cfg.checkpoint.resume and not cfg.checkpoint.resume_from and existing:
+        raise CheckpointError(
+            f"checkpoint.resume=false but {checkpoint_dir} already holds {existing[0].name}: "
+            f"choose an empty train.output_dir, or drop checkpoint.resume=false to continue")
+
+
+def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv) -> Position:
+    if cfg.checkpoint.resume_from:
+        path = Path(cfg.checkpoint.resume_from)
+        state = load_checkpoint(path, map_location=env.device)
+    elif cfg.checkpoint.resume:
+        path, state = load_newest_valid(checkpoint_dir, map_location=env.device)
+    else:
+        path, state = None, None
     if state is None:
         return Position()
     restore_training_state(engine, state)

@@ -19,7 +19,7 @@ def test_checkpoint_per_epoch_and_corrupt_images_counted(tmp_path):
     (data / "class_0" / "broken.png").write_bytes(b"\x89PNG this is not an image")
     out = tmp_path / "run"
     result = run_train(tiny_overrides(data, out, **{"train.epochs": 2, "optim.batch_size_per_gpu": 11}))
-    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    names = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
     assert names == ["step_00000003.pt", "step_00000006.pt"]  # 33 images // 11 = 3 steps/epoch
     state = torch.load(out / "checkpoints" / names[0], weights_only=True)
     assert (state["step"], state["epoch"]) == (3, 1)

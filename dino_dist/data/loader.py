@@ -83,5 +83,9 @@ def build_train_loader(
         # them alive across epochs is safe and saves their start-up cost.
         persistent_workers=workers > 0,
         prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
+        # Starting an epoch's iterator draws a worker base seed; from a private generator it
+        # does not consume the global RNG, so a run resumed mid-epoch (one extra iterator
+        # start) keeps the same stochastic-depth stream as one never interrupted.
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, sampler, dataset
