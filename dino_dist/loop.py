@@ -49,7 +49,9 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
     pos, meter, run_start = Position(start.step, start.epoch, start.epoch_step), ThroughputMeter(), time.perf_counter()
     first_step = pos.step
     while pos.step < last_step and pos.epoch < cfg.train.epochs:
-        sampler.set_epoch(pos.epoch, start=pos.epoch_step * accum * batch)
+        # Clamped: a checkpoint from more processes can hold a position past this shard's end.
+        consumed = min(pos.epoch_step * accum * batch, sampler.samples_per_rank)
+        sampler.set_epoch(pos.epoch, start=consumed)
         batches = iter(loader)
         while pos.epoch_step < per_epoch and pos.step < last_step:
             group = min(accum, micro_total - pos.epoch_step * accum)

@@ -98,3 +98,17 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, image_folder):
 
 def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path, image_folder):
     resumed_equals_uninterrupted(tmp_path, image_folder, nproc=2)
+
+
+def test_two_rank_checkpoint_resumes_on_one_process(tmp_path, image_folder):
+    """A different world size continues from the right step and says the order is approximate."""
+    extra = {"train.epochs": 2}
+    run_train(tiny_overrides(image_folder, tmp_path, **extra, **{
+        "optim.batch_size_per_gpu": 4, "train.max_steps": 3}), nproc=2)
+    result = run_train(tiny_overrides(image_folder, tmp_path, **extra))
+    assert "resumed from" in result.stdout and "step_00000003.pt" in result.stdout
+    assert "resharded approximately" in result.stdout
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    final = torch.load(tmp_path / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert (final["step"], final["epoch"], final["world_size"]) == (8, 2, 1)
