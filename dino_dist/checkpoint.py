@@ -165,22 +165,23 @@ def load_newest_valid(directory: Path, map_location: torch.device | str = "cpu")
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    """This process's RNG states as plain lists: weights_only-loadable, and they cross
+    all_gather_object on every backend (tensors do not)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist(),
+             "numpy": (name, keys.tolist(), *rest)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def training_state(engine, config: dict[str, Any], step: int, epoch: int,
@@ -202,29 +203,8 @@ def training_state(engine, config: dict[str, Any], step: int, epoch: int,
         "skipped_steps": engine.skipped_steps,
         "skipped_images": engine.skipped_images,
         "config": config,
-        "rng": [_bytes_to_tensors(s) for s in all_gather_objects(_tensors_to_bytes(rng_state()))],
+        "rng": all_gather_objects(rng_state()),
     }
-
-
-# Tensors do not survive all_gather_object on every backend; RNG states travel as bytes.
-def _tensors_to_bytes(value):
-    if isinstance(value, torch.Tensor):
-        return ("tensor", value.cpu().numpy().tobytes(), str(value.dtype).removeprefix("torch."))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_tensors_to_bytes(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tensors_to_bytes(v) for k, v in value.items()}
-    return value
-
-
-def _bytes_to_tensors(value):
-    if isinstance(value, tuple) and len(value) == 3 and value[0] == "tensor":
-        return torch.frombuffer(bytearray(value[1]), dtype=getattr(torch, value[2])).clone()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_bytes_to_tensors(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _bytes_to_tensors(v) for k, v in value.items()}
-    return value
 
 
 def restore_training_state(engine, state: dict[str, Any]) -> None:
@@ -236,10 +216,12 @@ def restore_training_state(engine, state: dict[str, Any]) -> None:
     engine.loss_fn.load_state_dict(state["loss"])
     engine.skipped_steps = int(state.get("skipped_steps", 0))
     engine.skipped_images = int(state.get("skipped_images", 0))
-    saved_world = state.get("world_size")
-    rng = state.get("rng")
-    if isinstance(rng, list) and saved_world == engine.env.world_size:
-        set_rng_state(rng[engine.env.rank])
-    else:
-        LOG.info("world size changed (%s -> %d): random streams restart from the seed",
-                 saved_world, engine.env.world_size)
+    saved_world, world = state.get("world_size"), engine.env.world_size
+    if saved_world == world:
+        set_rng_state(state["rng"][engine.env.rank])
+        return
+    resharded = (f"; the rest of epoch {state['epoch']} is resharded approximately (some "
+                 f"samples may repeat or be left out): resume on {saved_world} processes for an "
+                 f"exact continuation") if state.get("epoch_step", 0) else ""
+    LOG.warning("resuming on %d processes a checkpoint written by %s: random streams restart "
+                "from the seed%s", world, saved_world, resharded)

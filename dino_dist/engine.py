@@ -63,8 +63,10 @@ class DinoEngine:
     def _reset_pending(self) -> None:
         out_dim = self.loss_fn.center.shape[-1]
         self.pending_teacher_sum = torch.zeros(out_dim, device=self.env.device)
-        # teacher-output count, weighted loss, non-finite flags, unreadable images
-        self.pending_stats = torch.zeros(4, device=self.env.device)
+        self.pending_loss = torch.zeros(2, device=self.env.device)  # weighted loss, non-finite
+        # Known on the host already: they join the reduction buffer only in finish_step.
+        self.pending_count = 0
+        self.pending_skipped_images = 0
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -88,17 +90,19 @@ class DinoEngine:
             self.scaler.scale(loss * loss_weight).backward()
         with torch.no_grad():
             self.pending_teacher_sum += teacher_out.float().sum(dim=0)
-            self.pending_stats += torch.stack((
-                torch.tensor(float(teacher_out.shape[0]), device=device),
-                loss.detach() * loss_weight,
-                (~torch.isfinite(loss.detach())).float(),
-                torch.tensor(float(skipped_images), device=device)))
+            self.pending_loss += torch.stack((loss.detach() * loss_weight,
+                                              (~torch.isfinite(loss.detach())).float()))
+        self.pending_count += teacher_out.shape[0]
+        self.pending_skipped_images += skipped_images
 
     def finish_step(self, step: int, epoch: int) -> StepResult:
         """Reduce the step's statistics across ranks, move the center, update student and teacher."""
-        reduced = all_reduce_sum_(torch.cat((self.pending_teacher_sum, self.pending_stats)))
+        host_counts = torch.tensor([self.pending_count, self.pending_skipped_images],
+                                   dtype=torch.float32, device=self.env.device)
+        reduced = all_reduce_sum_(torch.cat((self.pending_teacher_sum, self.pending_loss,
+                                             host_counts)))
         teacher_sum = reduced[:-4]
-        count, loss_sum, non_finite, skipped_images = reduced[-4:].tolist()
+        loss_sum, non_finite, count, skipped_images = reduced[-4:].tolist()
         self.skipped_images += int(skipped_images)
         self._reset_pending()
         if non_finite > 0:

@@ -45,12 +45,11 @@ def report_knn_at_end(cfg: Config, env: DistEnv, teacher: nn.Module, metrics: Me
     val_set = LabelledImageDataset(val_dir, transform)
     e = cfg.eval
     scores = {}
-    for name, backbone in (("knn", teacher.backbone),
-                           ("knn_random_init", random_init_backbone(cfg).to(env.device))):
+    for suffix, backbone in (("", teacher.backbone),
+                             ("_random_init", random_init_backbone(cfg).to(env.device))):
         top1, top5 = knn_accuracy(backbone, train_set, val_set, env, e.knn_k,
                                   e.knn_temperature, e.batch_size)
-        scores[f"{name.replace('knn', 'knn_top1')}"] = top1
-        scores[f"{name.replace('knn', 'knn_top5')}"] = top5
+        scores[f"knn_top1{suffix}"], scores[f"knn_top5{suffix}"] = top1, top5
     LOG.info("k-NN (k=%d) on %s: teacher top-1 %.2f%% top-5 %.2f%% | random init top-1 %.2f%% "
              "top-5 %.2f%%", e.knn_k, val_dir, scores["knn_top1"], scores["knn_top5"],
              scores["knn_top1_random_init"], scores["knn_top5_random_init"])

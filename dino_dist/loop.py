@@ -55,14 +55,12 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
         batches = iter(loader)
         while pos.epoch_step < per_epoch and pos.step < last_step:
             group = min(accum, micro_total - pos.epoch_step * accum)
-            skipped_images = 0
             for j in range(group):
                 wait_start = time.perf_counter()
                 crops, _labels, skipped = next(batches)
                 meter.add_wait(time.perf_counter() - wait_start)
-                skipped_images += skipped
                 engine.micro_step(crops, pos.step, 1.0 / group, sync_grads=j == group - 1,
-                                  skipped_images=skipped_images if j == group - 1 else 0)
+                                  skipped_images=skipped)
             result = engine.finish_step(pos.step, pos.epoch)
             pos = Position(pos.step + 1, pos.epoch, pos.epoch_step + 1)
             meter.add_images(result.images)
@@ -74,7 +72,6 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
         if pos.epoch_step >= per_epoch:
             pos = Position(pos.step, pos.epoch + 1, 0)
             save(pos)
-        del batches
     return pos
 
 

@@ -133,11 +133,6 @@ def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv) 
         return Position()
     restore_training_state(engine, state)
     LOG.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
-    if state.get("world_size") != env.world_size and state.get("epoch_step", 0):
-        LOG.warning("resuming mid-epoch on %d processes a checkpoint written by %s: the rest of "
-                    "epoch %d is resharded approximately (some samples may repeat or be left "
-                    "out); resume on %s processes for an exact continuation", env.world_size,
-                    state.get("world_size"), state["epoch"], state.get("world_size"))
     return Position(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .augment import BLUR_SIGMA, MultiCropAugmentation
+from .augment import MultiCropAugmentation
 from .demo import ensure_demo_dataset
 from .folder import DataError, MultiCropDataset, find_images
 from .sampler import ShardedEpochSampler
@@ -61,7 +61,7 @@ def build_train_loader(
     augmentation = MultiCropAugmentation(
         cfg.global_crops_number, cfg.global_crop_size, cfg.global_crops_scale,
         cfg.local_crops_number, cfg.local_crop_size, cfg.local_crops_scale,
-        blur_sigma=getattr(cfg, "blur_sigma", BLUR_SIGMA),
+        blur_sigma=cfg.blur_sigma,
     )
     dataset = MultiCropDataset(resolve_data_root(cfg), augmentation, seed)
     sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
