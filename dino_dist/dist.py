@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dino_dist.slurm_env import slurm_rendezvous
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -63,10 +65,24 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def use_slurm_rendezvous() -> None:
+    """Under srun without torchrun, fill MASTER_ADDR/MASTER_PORT from the job itself.
+
+    Every task derives the same first node and job-id port, so no shared init file is
+    needed, and a requeued job (same id, maybe other nodes) derives them afresh. Values the
+    user exported win.
+    """
+    found = slurm_rendezvous() if "MASTER_PORT" not in os.environ else None
+    if found:
+        os.environ.setdefault("MASTER_ADDR", found[0])
+        os.environ["MASTER_PORT"] = str(found[1])
+
+
 def init_distributed(device_preference: str = "auto", timeout_s: int = 1800) -> DistEnv:
     rank, world, local = read_launch_env()
     device = pick_device(device_preference, local)
     if world > 1 and not dist.is_initialized():
+        use_slurm_rendezvous()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: "
