@@ -118,6 +118,24 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Cluster defaults for launch/submit.py (its options win); training reads max_requeues."""
+    partition: str = ""  # "" = the cluster's default partition; same for account/qos/constraint
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int = 0  # 0 = one per GPU, or one per node without GPUs
+    cpus_per_task: int = 0  # 0 = the cluster's default
+    mem_gb: int = 0  # 0 = the cluster's default
+    timeout_min: int = 1440
+    signal_delay_s: int = 120  # USR2 this long before the time limit: enough for one step + save
+    max_requeues: int = 20  # the job requeues itself after a signal at most this many times
+    job_name: str = "dino"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,6 +145,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -153,6 +172,9 @@ NON_NEGATIVE = (
     "loss.warmup_teacher_temp_epochs", "model.drop_path_rate", "train.seed",
     "checkpoint.keep_every_epochs",
 )
+POSITIVE += ("slurm.nodes", "slurm.timeout_min")
+NON_NEGATIVE += ("slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.cpus_per_task",
+                 "slurm.mem_gb", "slurm.signal_delay_s", "slurm.max_requeues")
 UNIT_INTERVAL = (
     "loss.center_momentum", "optim.teacher_momentum", "optim.teacher_momentum_end",
 )
