@@ -10,6 +10,7 @@ newest valid checkpoint in `train.output_dir` by itself, so no step is lost.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 
@@ -20,6 +21,8 @@ LOG = logging.getLogger("dino_dist")
 
 # sysexits' EX_TEMPFAIL: stopped early with a checkpoint saved; running again continues.
 EXIT_STOPPED = 75
+# The code submitit's local executor reads as "run the tasks again" (a local requeue).
+EXIT_LOCAL_REQUEUE = 144
 # SLURM states from which a requeue continues the run. A CANCELLED job also gets a SIGTERM
 # (from scancel), and requeueing it would bring back a run the user meant to end.
 REQUEUEABLE_STATES = ("RUNNING", "TIMEOUT")
@@ -83,8 +86,14 @@ def after_stop(stop_reason: str, step: int, is_main: bool, max_requeues: int) ->
     """Called on every rank once all have left the loop after a stop; returns the exit code.
 
     Rank 0 requeues the job when it may; the code is EXIT_STOPPED either way, since SLURM
-    ends the allocation of a requeued job by itself.
+    ends the allocation of a requeued job by itself. Under submitit's local executor the exit
+    code itself asks for the restart.
     """
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        if is_main:
+            LOG.info("stopped by %s at step %d, checkpoint saved; submitit's local executor "
+                     "starts the tasks again", stop_reason, step)
+        return EXIT_LOCAL_REQUEUE
     if not is_main:
         return EXIT_STOPPED
     job_id = slurm_job_id()

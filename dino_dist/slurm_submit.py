@@ -1,0 +1,183 @@
+"""`launch/submit.py` / `dino-submit`: send a dino-train run to SLURM through submitit.
+
+    python launch/submit.py --config configs/vit_small_16.yaml --nodes 4 --gpus-per-node 8 \\
+        --partition P --timeout-min 4320 data.path=/data/imagenet/train
+
+Cluster settings come from the options, else from the config's `slurm:` section, else from
+SLURM's own defaults; nothing about any cluster is written here. The options are also passed
+to the job as `slurm.*` overrides, so the run directory's config.yaml records them and the job
+knows its `slurm.max_requeues`.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from dino_dist.config import DEFAULT_CONFIG, Config, ConfigError, SlurmConfig, load_config
+from dino_dist.preemption import job_state
+
+# SLURM states after which the job will not run again by itself. A requeued job passes
+# through REQUEUED and PENDING instead.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+# Option name → SlurmConfig field, for the options that override the config's slurm section.
+SLURM_OPTIONS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
+                 "partition", "account", "qos", "constraint", "timeout_min", "signal_delay_s",
+                 "max_requeues", "job_name")
+
+
+class SubmitError(Exception):
+    """A user mistake in the submission; one line naming the problem and the fix."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="submit.py", description="Submit dino-train to SLURM (submitit); the job saves "
+        "at the next step boundary on USR2/TERM and requeues itself.")
+    p.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU, 1 without GPUs")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--timeout-min", type=int, help="wall-time limit of one allocation")
+    p.add_argument("--signal-delay-s", type=int,
+                   help="USR2 this many seconds before the limit (save, then requeue)")
+    p.add_argument("--max-requeues", type=int, help="self-requeues allowed after signals")
+    p.add_argument("--job-name")
+    p.add_argument("--wait", action="store_true",
+                   help="block until the job ends; print its final state and the run directory")
+    p.add_argument("--local", action="store_true",
+                   help="run through submitit's local executor (a machine without SLURM)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def resolve_config(config_path: str, args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The run's config with the options applied to its slurm section, and those options as
+    overrides for the job."""
+    words = [f"slurm.{name}={getattr(args, name)}" for name in SLURM_OPTIONS
+             if getattr(args, name) is not None]
+    cfg = load_config(config_path, [*args.overrides, *words])
+    settings = cfg.slurm
+    if settings.tasks_per_node == 0:
+        settings.tasks_per_node = settings.gpus_per_node or 1
+    if settings.signal_delay_s >= settings.timeout_min * 60:
+        raise SubmitError(f"--signal-delay-s {settings.signal_delay_s} is not shorter than "
+                          f"--timeout-min {settings.timeout_min}: the job would be signalled "
+                          f"before it starts; raise the timeout or lower the delay")
+    return cfg, words
+
+
+def executor_parameters(s: SlurmConfig, local: bool) -> dict:
+    params = {"timeout_min": s.timeout_min, "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
+              "name": s.job_name}
+    optional = {"gpus_per_node": s.gpus_per_node, "cpus_per_task": s.cpus_per_task,
+                "mem_gb": s.mem_gb}
+    params.update({k: v for k, v in optional.items() if v})
+    if local:
+        params["local_signal_delay_s"] = s.signal_delay_s
+        return params
+    params["slurm_signal_delay_s"] = s.signal_delay_s
+    for name in ("partition", "account", "qos", "constraint"):
+        if getattr(s, name):
+            params[f"slurm_{name}"] = getattr(s, name)
+    # --requeue: some clusters refuse `scontrol requeue` for jobs not marked requeueable.
+    params["slurm_additional_parameters"] = {"requeue": True}
+    # A trapped TERM keeps the batch shell alive until srun ends, so a TERM sent to the whole
+    # job (preemption with a grace time) leaves the tasks time to save.
+    params["slurm_setup"] = ["trap 'echo \"batch script: SIGTERM; the tasks save and stop\"' TERM"]
+    return params
+
+
+def make_executor(folder: Path, settings: SlurmConfig, local: bool):
+    import submitit
+
+    if not local and shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: submit from a SLURM login node, or use --local "
+                          "to run through submitit's local executor")
+    if local and settings.nodes != 1:
+        raise SubmitError(f"--local runs on this machine only, got --nodes {settings.nodes}: "
+                          f"drop --nodes or submit to SLURM")
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local" if local else "slurm")
+    executor.update_parameters(**executor_parameters(settings, local))
+    return executor
+
+
+def submit(argv: list[str] | None = None) -> int:
+    from dino_dist.slurm_job import TrainJob
+
+    args = parse_args(argv)
+    # Absolute paths: the job may start in another directory, on another node.
+    config_path = str(Path(args.config).resolve() if args.config else DEFAULT_CONFIG)
+    try:
+        cfg, slurm_words = resolve_config(config_path, args)
+        run_dir = Path(cfg.train.output_dir).resolve()
+        executor = make_executor(run_dir / "slurm", cfg.slurm, args.local)
+    except (ConfigError, SubmitError) as err:
+        print(f"submit.py: error: {err}", file=sys.stderr)
+        return 2
+    overrides = [*args.overrides, *slurm_words, f"train.output_dir={run_dir}"]
+    job = executor.submit(TrainJob(config_path, overrides))
+    print(f"job id: {job.job_id}")
+    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (task 0; other tasks beside them)")
+    print(f"run directory: {run_dir}")
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    state = wait_local(job) if args.local else wait_slurm(job.job_id)
+    print(f"final state: {state}")
+    print(f"run directory: {run_dir}")
+    return 0 if state == "COMPLETED" else 1
+
+
+def wait_slurm(job_id: str, poll_s: float = 2.0) -> str:
+    """Follow the job through requeues with squeue (sacct needs an accounting database)."""
+    last = None
+    while True:
+        state = job_state(job_id)
+        if state != last and state is not None:
+            print(f"job {job_id}: {state}")
+            sys.stdout.flush()
+            last = state
+        if state in FINAL_STATES:
+            return state
+        if state is None and last is not None:
+            return last_known_state(job_id) or "UNKNOWN (the job left squeue)"
+        time.sleep(poll_s)
+
+
+def last_known_state(job_id: str) -> str | None:
+    """After squeue forgets a job (MinJobAge), ask sacct where a cluster has accounting."""
+    import subprocess
+
+    if shutil.which("sacct") is None:
+        return None
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"],
+                         capture_output=True, text=True)
+    words = out.stdout.split()
+    return words[0] if out.returncode == 0 and words else None
+
+
+def wait_local(job) -> str:
+    try:
+        job.result()
+        return "COMPLETED"
+    except Exception as err:  # submitit re-raises the job's failure with its traceback
+        print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
+        return "FAILED"
+
+
+def cli() -> None:
+    sys.exit(submit())
+
+
+if __name__ == "__main__":
+    cli()
