@@ -81,7 +81,8 @@ def build_training(cfg: Config, env: DistEnv) -> Training:
         env, precision=cfg.train.precision, clip_grad=o.clip_grad, clip_mode=o.clip_mode,
         freeze_last_layer_epochs=o.freeze_last_layer,
         last_layer_params=last_layer_parameters(student),
-        n_global_crops=cfg.data.global_crops_number)
+        n_global_crops=cfg.data.global_crops_number,
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps)
     teacher.train()  # as the reference: BN (ResNet) uses batch statistics in the teacher too
     wrapped.train()
     return Training(engine, student, teacher, loader, sampler)

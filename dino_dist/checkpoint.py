@@ -14,13 +14,14 @@ import logging
 import os
 import random
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dino_dist.dist import all_gather_objects, barrier
+from dino_dist.dist import all_gather_objects, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
 FORMAT_VERSION = 1
@@ -50,11 +51,23 @@ def _sha256(path: Path) -> str:
 
 def _write_atomically(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            _test_delay()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no debris (and frees the space)
+        raise
+
+
+def _test_delay() -> None:
+    """Fault tests stretch the write so a kill can land inside it; never set in normal runs."""
+    delay = float(os.environ.get("DINO_DIST_TEST_SAVE_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -72,18 +85,31 @@ def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool,
     Old checkpoints are pruned only after the new one is committed (keep_last 0 keeps all).
     """
     path = directory / checkpoint_name(state["step"])
+    error = None
     if is_main:
-        directory.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, lambda f: torch.save(state, f))
-        manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
-                    "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
-                    "size": path.stat().st_size, "sha256": _sha256(path)}
-        _write_atomically(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
-        _fsync_dir(directory)
-        if keep_last:
+        try:
+            _commit(path, state)
+        except OSError as err:
+            error = (f"cannot write checkpoint '{path}' ({err.strerror or err}): free disk space "
+                     f"or fix the folder's permissions, then restart; earlier checkpoints are kept")
+        if keep_last and error is None:
             prune_checkpoints(directory, keep_last, keep_every_epochs)
-    barrier()
+    # Instead of a bare barrier: every rank waits for the commit *and* learns whether it
+    # failed, so all stop together rather than training on without a checkpoint.
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)
     return path
+
+
+def _commit(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, lambda f: torch.save(state, f))
+    manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
+                "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
+                "size": path.stat().st_size, "sha256": _sha256(path)}
+    _write_atomically(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
+    _fsync_dir(path.parent)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -184,10 +210,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def training_state(engine, config: dict[str, Any], step: int, epoch: int,
-                   epoch_step: int) -> dict[str, Any]:
+# Settings that fix tensor shapes: a checkpoint cannot be loaded into a model built otherwise.
+SHAPE_KEYS = ("model.arch", "model.patch_size", "model.img_size", "model.out_dim",
+              "model.use_bn_in_head", "model.norm_last_layer", "model.head_hidden_dim",
+              "model.head_bottleneck_dim")
+
+
+def check_compatible(path: Path, saved_config: dict[str, Any], config: dict[str, Any]) -> None:
+    """CheckpointError naming every shape-fixing key that differs, before anything is loaded."""
+    def value(cfg: dict[str, Any], dotted: str):
+        section, key = dotted.split(".")
+        return cfg.get(section, {}).get(key)
+
+    differing = [f"{k}: {value(saved_config, k)!r} in the checkpoint, {value(config, k)!r} now"
+                 for k in SHAPE_KEYS if value(saved_config, k) != value(config, k)]
+    if differing:
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained with another model ({'; '.join(differing)}): "
+            f"use the checkpoint's settings, or a new train.output_dir to start afresh")
+
+
+def training_state(engine, config: dict[str, Any], position: dict[str, int]) -> dict[str, Any]:
     """Everything a resumed run needs, as plain tensors and containers (weights_only-safe).
 
+    `position` holds step, epoch, epoch_step, epoch_samples and schedule_step.
     Collective: every rank contributes its RNG state, so call it on all ranks.
     """
     return {
@@ -196,9 +242,7 @@ def training_state(engine, config: dict[str, Any], step: int, epoch: int,
         "optimizer": engine.optimizer.state_dict(),
         "scaler": engine.scaler.state_dict(),
         "loss": engine.loss_fn.state_dict(),
-        "step": step,
-        "epoch": epoch,
-        "epoch_step": epoch_step,
+        **position,
         "world_size": engine.env.world_size,
         "skipped_steps": engine.skipped_steps,
         "skipped_images": engine.skipped_images,
@@ -208,6 +252,8 @@ def training_state(engine, config: dict[str, Any], step: int, epoch: int,
 
 
 def restore_training_state(engine, state: dict[str, Any]) -> None:
+    """Load weights, optimizer and counters; RNG streams only on the world size that wrote them
+    (rank r's stream belongs to rank r of that world)."""
     engine.student_module.load_state_dict(state["student"])
     engine.teacher.load_state_dict(state["teacher"])
     engine.optimizer.load_state_dict(state["optimizer"])
@@ -216,12 +262,5 @@ def restore_training_state(engine, state: dict[str, Any]) -> None:
     engine.loss_fn.load_state_dict(state["loss"])
     engine.skipped_steps = int(state.get("skipped_steps", 0))
     engine.skipped_images = int(state.get("skipped_images", 0))
-    saved_world, world = state.get("world_size"), engine.env.world_size
-    if saved_world == world:
+    if state.get("world_size") == engine.env.world_size:
         set_rng_state(state["rng"][engine.env.rank])
-        return
-    resharded = (f"; the rest of epoch {state['epoch']} is resharded approximately (some "
-                 f"samples may repeat or be left out): resume on {saved_world} processes for an "
-                 f"exact continuation") if state.get("epoch_step", 0) else ""
-    LOG.warning("resuming on %d processes a checkpoint written by %s: random streams restart "
-                "from the seed%s", world, saved_world, resharded)

@@ -89,6 +89,11 @@ class TrainConfig:
     parallel: str = "ddp"
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/dino"
+    # A collective that waits longer than this fails (a rank died or hangs) instead of hanging
+    # forever. Start-up (data scan, demo generation) gets at least 30 min. It must exceed the
+    # time rank 0 needs to write one checkpoint, since the other ranks wait for it.
+    dist_timeout_s: int = 600
+    max_nonfinite_steps: int = 10  # skipped non-finite steps in a row before the run stops
 
 
 @dataclass
@@ -163,14 +168,14 @@ POSITIVE = (
     "data.local_crop_size", "log.every_steps", "eval.knn_k", "eval.batch_size",
     "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "eval.image_size",
     "eval.knn_temperature", "model.head_hidden_dim", "model.head_bottleneck_dim",
-    "checkpoint.keep_last",
+    "checkpoint.keep_last", "train.dist_timeout_s",
 )
 NON_NEGATIVE = (
     "train.max_steps", "checkpoint.every_steps", "data.num_workers", "data.local_crops_number",
     "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
     "optim.freeze_last_layer", "optim.weight_decay", "optim.weight_decay_end",
     "loss.warmup_teacher_temp_epochs", "model.drop_path_rate", "train.seed",
-    "checkpoint.keep_every_epochs",
+    "checkpoint.keep_every_epochs", "train.max_nonfinite_steps",
 )
 POSITIVE += ("slurm.nodes", "slurm.timeout_min")
 NON_NEGATIVE += ("slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.cpus_per_task",

@@ -94,6 +94,18 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 1800) -> 
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def set_collective_timeout(timeout_s: int) -> None:
+    """After start-up, let a collective that waits this long fail instead of hanging forever."""
+    if not dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if hasattr(dist, "set_timeout"):
+        dist.set_timeout(timeout)
+    else:  # torch before the public setter
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+        _set_pg_timeout(timeout)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

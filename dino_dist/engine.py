@@ -4,10 +4,13 @@ Order of operations inside a step, and why:
 1. every micro-batch: teacher forward (global crops, no grad) → student forward (all crops)
    → loss against the *old* center → backward of loss/k. Gradient sync (DDP all-reduce) runs
    only on the last micro-batch; the others sit in `no_sync`.
-2. once per step: one all-reduce of [teacher-output sum | count | loss | non-finite flag].
-   A non-finite loss on any rank is therefore seen by every rank at the same point, so all
-   stop together instead of one rank leaving the others in a collective.
-3. the center moves (after every micro-batch used the old one), gradients are unscaled,
+2. once per step: one all-reduce of [teacher-output sum | loss | non-finite flag | count |
+   skipped images | stop flag]. A non-finite loss or a stop request on any rank is therefore
+   seen by every rank at the same step, so all skip, stop or save together instead of one
+   rank leaving the others waiting in a collective.
+3. a step with a non-finite loss or gradient norm is skipped (weights, center and teacher
+   untouched) and counted; more than `max_nonfinite_steps` in a row stop every rank.
+4. otherwise the center moves (after every micro-batch used the old one), gradients are unscaled,
    clipped, the last layer's gradient dropped while it is frozen, the optimizer steps, and
    the teacher follows by EMA with fused foreach ops.
 """
@@ -25,15 +28,16 @@ from dino_dist.schedules import Schedules
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised on every rank at once when any rank's loss is NaN or infinite."""
+    """Raised on every rank at once after too many consecutive non-finite steps."""
 
 
 @dataclass
 class StepResult:
     loss: float
     grad_norm: torch.Tensor  # stays on device; read it only on logging steps
-    skipped: bool  # fp16 step dropped by the GradScaler (inf/NaN gradients)
+    skipped: bool  # not applied: non-finite loss or gradients (fp16: the GradScaler's verdict)
     images: int  # images in this optimizer step, all ranks together
+    stop: bool = False  # some rank asked to stop (see dino_dist.stop): every rank sees it
 
 
 class DinoEngine:
@@ -42,7 +46,7 @@ class DinoEngine:
                  env: DistEnv, precision: str = "fp32", clip_grad: float = 0.0,
                  clip_mode: str = "per_param", freeze_last_layer_epochs: int = 0,
                  last_layer_params: list[nn.Parameter] | None = None,
-                 n_global_crops: int = 2):
+                 n_global_crops: int = 2, max_nonfinite_steps: int = 10):
         self.student, self.student_module, self.teacher = student, student_module, teacher
         self.loss_fn, self.optimizer, self.schedules, self.env = loss_fn, optimizer, schedules, env
         self.precision = precision
@@ -56,7 +60,9 @@ class DinoEngine:
         self.ema_student = [p.detach() for p in student_module.parameters()]
         self.ema_teacher = [p.detach() for p in teacher.parameters()]
         self.trainable = [p for p in student_module.parameters() if p.requires_grad]
-        self.skipped_steps = 0  # fp16 steps dropped for inf/NaN gradients, whole run
+        self.skipped_steps = 0  # steps not applied (non-finite loss or gradients), whole run
+        self.bad_streak = 0  # consecutive skipped steps, checked against max_nonfinite_steps
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_images = 0  # unreadable images replaced by the data pipeline, all ranks
         self._reset_pending()
 
@@ -78,7 +84,7 @@ class DinoEngine:
         """Forward and backward of one micro-batch; `loss_weight` is 1/len(group)."""
         device = self.env.device
         crops = [c.to(device, non_blocking=True) for c in crops]
-        teacher_temp = float(self.schedules.teacher_temp[step])
+        teacher_temp = float(self.schedules.teacher_temp[min(step, self.schedules.total_steps - 1)])
         no_sync = getattr(self.student, "no_sync", None)
         sync_ctx = contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
         with sync_ctx:
@@ -95,39 +101,66 @@ class DinoEngine:
         self.pending_count += teacher_out.shape[0]
         self.pending_skipped_images += skipped_images
 
-    def finish_step(self, step: int, epoch: int) -> StepResult:
-        """Reduce the step's statistics across ranks, move the center, update student and teacher."""
-        host_counts = torch.tensor([self.pending_count, self.pending_skipped_images],
+    def finish_step(self, step: int, epoch: int, stop_requested: bool = False) -> StepResult:
+        """Reduce the step's statistics across ranks, move the center, update student and teacher.
+
+        `stop_requested` (this rank's flag) rides in the same reduction, so the answer in
+        StepResult.stop is the same on every rank.
+        """
+        host_values = torch.tensor([self.pending_count, self.pending_skipped_images,
+                                    float(stop_requested)],
                                    dtype=torch.float32, device=self.env.device)
         reduced = all_reduce_sum_(torch.cat((self.pending_teacher_sum, self.pending_loss,
-                                             host_counts)))
-        teacher_sum = reduced[:-4]
-        loss_sum, non_finite, count, skipped_images = reduced[-4:].tolist()
+                                             host_values)))
+        teacher_sum = reduced[:-5]
+        loss_sum, non_finite, count, skipped_images, stop_votes = reduced[-5:].tolist()
         self.skipped_images += int(skipped_images)
         self._reset_pending()
-        if non_finite > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"loss is not finite at step {step} (epoch {epoch}) on {int(non_finite)} "
-                f"micro-batch(es); all ranks stopped. Lower optim.lr, use train.precision=bf16 "
-                f"or fp32, or check the data; checkpoints already written are kept")
-        self.loss_fn.update_center(teacher_sum, count)
-        self._apply_schedule(step)
+        step = min(step, self.schedules.total_steps - 1)  # a resharded resume may round past the end
+        images = int(count) // self.n_global_crops
+        grad_norm = torch.full((), float("nan"), device=self.env.device)
+        applied = non_finite == 0
+        if applied:
+            grad_norm = self._unscale_and_clip(epoch)
+            # Gradients are identical on all ranks after DDP's all-reduce, so every rank
+            # reaches the same verdict here without another collective.
+            applied = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        if applied:
+            self.loss_fn.update_center(teacher_sum, count)
+            self._apply_schedule(step)
+            applied = self._optimizer_step()
+            self._update_teacher(float(self.schedules.momentum[step]))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_bad_step(not applied, step, epoch, non_finite > 0)
+        return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
+                          skipped=not applied, images=images, stop=stop_votes > 0)
+
+    def _unscale_and_clip(self, epoch: int) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
         if epoch < self.freeze_last_layer_epochs:
             for p in self.last_layer_params:
                 p.grad = None
+        return grad_norm
+
+    def _optimizer_step(self) -> bool:
+        """Step (through the GradScaler); False when fp16 found inf/NaN gradients and skipped."""
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
-        self.skipped_steps += int(skipped)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._update_teacher(float(self.schedules.momentum[step]))
-        images = int(count) // self.n_global_crops
-        return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
-                          skipped=skipped, images=images)
+        return not (self.scaler.is_enabled() and self.scaler.get_scale() < scale_before)
+
+    def _count_bad_step(self, bad: bool, step: int, epoch: int, loss_non_finite: bool) -> None:
+        """Skipped steps are counted; too many in a row stop every rank (they all count alike)."""
+        self.skipped_steps += int(bad)
+        self.bad_streak = self.bad_streak + 1 if bad else 0
+        if self.bad_streak > self.max_nonfinite_steps:
+            what = "a non-finite loss" if loss_non_finite else "non-finite gradients"
+            raise NonFiniteLossError(
+                f"{self.bad_streak} optimizer steps in a row had {what} (the last at "
+                f"step {step}, epoch {epoch}; limit train.max_nonfinite_steps="
+                f"{self.max_nonfinite_steps}); all ranks stopped and the last checkpoint is kept. "
+                f"Lower optim.lr, use train.precision=bf16 or fp32, or check the data")
 
     def _apply_schedule(self, step: int) -> None:
         lr, wd = float(self.schedules.lr[step]), float(self.schedules.wd[step])

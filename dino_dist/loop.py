@@ -2,7 +2,8 @@
 
 A step's micro-batch count is known before it starts (the epoch length is fixed), so the
 last, possibly short, group of an epoch weights its micro-batches by 1/len(group) and is
-still an exact mean over the images it holds.
+still an exact mean over the images it holds. A stop request (signal) is honoured at the next
+step boundary, on all ranks together, with a checkpoint at that step.
 """
 from __future__ import annotations
 
@@ -14,17 +15,41 @@ from typing import Callable
 from dino_dist.config import Config
 from dino_dist.dist import DistEnv
 from dino_dist.engine import DinoEngine, StepResult
+from dino_dist.stop import STOP_REQUEST
 from dino_dist.metrics import MetricsWriter, ThroughputMeter, console_line, peak_memory_mb
 
 LOG = logging.getLogger("dino_dist")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Position:
-    """Where training stands: optimizer steps done, current epoch, steps done in it."""
+    """Where training stands.
+
+    step: optimizer steps done (names checkpoints, counts `train.max_steps`).
+    epoch, epoch_step: the current epoch and the optimizer steps done in it.
+    epoch_samples: images of this epoch already consumed, all ranks together: with the epoch's
+        fixed global order this says exactly which samples are left, at any world size.
+    schedule_step: index into the per-step schedules; equals `step` unless the run was resumed
+        on another number of processes (the schedules then have another length per epoch).
+    """
     step: int = 0
     epoch: int = 0
     epoch_step: int = 0
+    epoch_samples: int = 0
+    schedule_step: int = 0
+
+    def after_step(self, images: int) -> "Position":
+        return Position(self.step + 1, self.epoch, self.epoch_step + 1,
+                        self.epoch_samples + images, self.schedule_step + 1)
+
+    def next_epoch(self, steps_per_epoch: int) -> "Position":
+        return Position(self.step, self.epoch + 1, 0, 0, (self.epoch + 1) * steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class LoopEnd:
+    position: Position
+    stop_reason: str | None  # None: the configured training is complete
 
 
 def micro_batches_per_epoch(samples_per_rank: int, batch_size: int) -> int:
@@ -35,44 +60,50 @@ def steps_per_epoch(micro_batches: int, accum_steps: int) -> int:
     return -(-micro_batches // accum_steps)
 
 
-def total_steps(cfg: Config, schedule_steps: int) -> int:
-    return min(schedule_steps, cfg.train.max_steps) if cfg.train.max_steps else schedule_steps
+def training_done(cfg: Config, pos: Position) -> bool:
+    return pos.epoch >= cfg.train.epochs or bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps)
+
+
+def planned_steps(cfg: Config, schedules, pos: Position) -> int:
+    """The step number training will end at, from where it stands now (for progress and ETA)."""
+    end = pos.step + max(schedules.total_steps - pos.schedule_step, 0)
+    return min(end, cfg.train.max_steps) if cfg.train.max_steps else end
 
 
 def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
                metrics: MetricsWriter, start: Position,
-               save: Callable[[Position], None]) -> Position:
+               save: Callable[[Position], None]) -> LoopEnd:
     batch, accum = cfg.optim.batch_size_per_gpu, cfg.optim.accum_steps
-    micro_total = micro_batches_per_epoch(sampler.samples_per_rank, batch)
-    per_epoch = steps_per_epoch(micro_total, accum)
-    last_step = total_steps(cfg, engine.schedules.total_steps)
-    pos, meter, run_start = Position(start.step, start.epoch, start.epoch_step), ThroughputMeter(), time.perf_counter()
-    first_step = pos.step
-    while pos.step < last_step and pos.epoch < cfg.train.epochs:
-        # Clamped: a checkpoint from more processes can hold a position past this shard's end.
-        consumed = min(pos.epoch_step * accum * batch, sampler.samples_per_rank)
-        sampler.set_epoch(pos.epoch, start=consumed)
+    last_step = planned_steps(cfg, engine.schedules, start)
+    pos, meter, run_start = start, ThroughputMeter(), time.perf_counter()
+    while not training_done(cfg, pos):
+        sampler.set_epoch(pos.epoch, consumed=min(pos.epoch_samples, sampler.dataset_len))
+        micro_left = len(sampler) // batch
         batches = iter(loader)
-        while pos.epoch_step < per_epoch and pos.step < last_step:
-            group = min(accum, micro_total - pos.epoch_step * accum)
+        while micro_left > 0 and not training_done(cfg, pos):
+            group = min(accum, micro_left)
+            micro_left -= group
             for j in range(group):
                 wait_start = time.perf_counter()
                 crops, _labels, skipped = next(batches)
                 meter.add_wait(time.perf_counter() - wait_start)
-                engine.micro_step(crops, pos.step, 1.0 / group, sync_grads=j == group - 1,
-                                  skipped_images=skipped)
-            result = engine.finish_step(pos.step, pos.epoch)
-            pos = Position(pos.step + 1, pos.epoch, pos.epoch_step + 1)
+                engine.micro_step(crops, pos.schedule_step, 1.0 / group,
+                                  sync_grads=j == group - 1, skipped_images=skipped)
+            result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
+            pos = pos.after_step(result.images)
             meter.add_images(result.images)
-            if pos.step % cfg.log.every_steps == 0 or pos.step == last_step:
-                _log_step(engine, metrics, meter, result, pos, last_step, first_step, run_start)
-            if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
-                    and pos.epoch_step < per_epoch:
+            if pos.step % cfg.log.every_steps == 0 or pos.step == last_step or result.stop:
+                _log_step(engine, metrics, meter, result, pos, last_step, start.step, run_start)
+            if result.stop:
                 save(pos)
-        if pos.epoch_step >= per_epoch:
-            pos = Position(pos.step, pos.epoch + 1, 0)
+                return LoopEnd(pos, STOP_REQUEST.reason or "another rank was asked to stop")
+            if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
+                    and micro_left > 0:
+                save(pos)
+        if micro_left == 0:
+            pos = pos.next_epoch(engine.schedules.steps_per_epoch)
             save(pos)
-    return pos
+    return LoopEnd(pos, None)
 
 
 def _log_step(engine: DinoEngine, metrics: MetricsWriter, meter: ThroughputMeter,
@@ -80,7 +111,7 @@ def _log_step(engine: DinoEngine, metrics: MetricsWriter, meter: ThroughputMeter
               run_start: float) -> None:
     images_per_s, wait_share = meter.read()
     meter.reset()
-    values = {"epoch": pos.epoch, "loss": result.loss, **engine.schedules.at(pos.step - 1),
+    values = {"epoch": pos.epoch, "epoch_samples": pos.epoch_samples, "loss": result.loss, **engine.schedules.at(pos.schedule_step - 1),
               "grad_norm": float(result.grad_norm), "images_per_s": images_per_s,
               "data_wait_share": wait_share, "peak_memory_mb": peak_memory_mb(engine.env.device),
               "skipped_images": engine.skipped_images, "skipped_steps": engine.skipped_steps}

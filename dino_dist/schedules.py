@@ -50,6 +50,7 @@ class Schedules:
         return len(self.lr)
 
     def at(self, step: int) -> dict[str, float]:
+        step = min(step, self.total_steps - 1)
         return {"lr": float(self.lr[step]), "wd": float(self.wd[step]),
                 "teacher_momentum": float(self.momentum[step]),
                 "teacher_temp": float(self.teacher_temp[step])}

@@ -7,25 +7,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
 import yaml
 
-from dino_dist.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
-                                  load_newest_valid, restore_training_state, save_checkpoint,
-                                  training_state)
+from dino_dist.checkpoint import (CheckpointError, check_compatible, list_checkpoints,
+                                  load_checkpoint, load_newest_valid, restore_training_state,
+                                  save_checkpoint, training_state)
 from dino_dist.config import Config, ConfigError, dump_config, load_config
 from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
-from dino_dist.dist import DistEnv, barrier, init_distributed, teardown
+from dino_dist.dist import (DistEnv, barrier, init_distributed, set_collective_timeout,
+                            teardown)
 from dino_dist.engine import NonFiniteLossError
 from dino_dist.final_eval import report_knn_at_end
-from dino_dist.loop import Position, train_loop
+from dino_dist.loop import LoopEnd, Position, train_loop
+from dino_dist.schedules import total_batch_size
 from dino_dist.metrics import MetricsWriter, setup_logging
+from dino_dist.preemption import after_stop, install_stop_handlers, under_slurm
 
 LOG = logging.getLogger("dino_dist")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+STARTUP_TIMEOUT_S = 1800  # scanning a large dataset or writing the demo images can take a while
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: a preemption signal during start-up must stop at the first step, not kill.
+    install_stop_handlers(include_term=under_slurm())
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -45,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"dino-train: error: {err}", file=sys.stderr)
         return 2
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, timeout_s=max(STARTUP_TIMEOUT_S, cfg.train.dist_timeout_s))
     try:
-        run(cfg, env)
+        end = run(cfg, env)
+        if end.stop_reason:
+            return after_stop(end.stop_reason, end.position.step, env.is_main,
+                              cfg.slurm.max_requeues)
         return 0
     except USER_ERRORS as err:
         if env.is_main and LOG.handlers:
@@ -73,11 +83,14 @@ def write_resolved_config(cfg: Config, output_dir: Path) -> None:
         LOG.info("config differs from %s: %s", path, "; ".join(changed))
 
 
-def run(cfg: Config, env: DistEnv) -> Position:
+def run(cfg: Config, env: DistEnv) -> LoopEnd:
+    """Train until the config's end or a stop request; LoopEnd says which, and where."""
     from dino_dist.build import build_training  # heavy imports after argument checks
 
     output_dir = Path(cfg.train.output_dir)
     refuse_fresh_start_over_checkpoints(cfg, output_dir / "checkpoints")
+    if env.is_main:
+        check_writable(output_dir)
     setup_logging(output_dir, env.is_main)
     if env.is_main:
         write_resolved_config(cfg, output_dir)
@@ -88,11 +101,12 @@ def run(cfg: Config, env: DistEnv) -> Position:
     training = build_training(cfg, env)
     engine = training.engine
     start = resume_if_possible(cfg, engine, output_dir / "checkpoints", env)
+    set_collective_timeout(cfg.train.dist_timeout_s)  # start-up is over: detect dead ranks fast
     metrics = MetricsWriter(output_dir, env.is_main, cfg.log.tensorboard)
     saved_at = {start.step}
 
     def save(pos: Position) -> None:
-        state = training_state(engine, cfg.to_dict(), pos.step, pos.epoch, pos.epoch_step)
+        state = training_state(engine, cfg.to_dict(), dataclasses.asdict(pos))
         path = save_checkpoint(output_dir / "checkpoints", state, env.is_main,
                                cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs)
         saved_at.add(pos.step)
@@ -101,15 +115,30 @@ def run(cfg: Config, env: DistEnv) -> Position:
     try:
         LOG.info("training %s for %d steps (%d per epoch), total batch %d", cfg.model.arch,
                  engine.schedules.total_steps, engine.schedules.steps_per_epoch,
-                 cfg.optim.batch_size_per_gpu * env.world_size * cfg.optim.accum_steps)
+                 total_batch_size(cfg, env.world_size))
         end = train_loop(cfg, env, engine, training.loader, training.sampler, metrics, start, save)
-        if end.step not in saved_at:
-            save(end)
-        if cfg.eval.knn_at_end:
-            report_knn_at_end(cfg, env, training.teacher, metrics, end.step)
+        if end.position.step not in saved_at:
+            save(end.position)
+        if end.stop_reason:
+            LOG.info("stopped at step %d (%s); the checkpoint of this step is committed and "
+                     "a restart continues from it", end.position.step, end.stop_reason)
+        elif cfg.eval.knn_at_end:
+            report_knn_at_end(cfg, env, training.teacher, metrics, end.position.step)
     finally:
         metrics.close()
     return end
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail at start, in one line, on an output dir that cannot be created or written."""
+    probe = output_dir / ".write_test"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"train.output_dir '{output_dir}' is not writable "
+                              f"({err.strerror or err}): choose a folder you can write to")
 
 
 def refuse_fresh_start_over_checkpoints(cfg: Config, checkpoint_dir: Path) -> None:
@@ -131,9 +160,40 @@ def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv) 
         path, state = None, None
     if state is None:
         return Position()
+    check_compatible(path, state["config"], cfg.to_dict())
     restore_training_state(engine, state)
-    LOG.info("resumed from %s (step %d, epoch %d)", path, state["step"], state["epoch"])
-    return Position(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)))
+    saved = Position(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)),
+                     int(state.get("epoch_samples", 0)),
+                     int(state.get("schedule_step", state["step"])))
+    LOG.info("resumed from %s (step %d, epoch %d, %d samples of the epoch done)", path,
+             saved.step, saved.epoch, saved.epoch_samples)
+    saved_world = int(state.get("world_size", env.world_size))
+    if saved_world == env.world_size:
+        return saved
+    return reshard_position(cfg, engine, saved, state["config"], saved_world, env.world_size)
+
+
+def reshard_position(cfg: Config, engine, saved: Position, saved_config: dict,
+                     saved_world: int, world: int) -> Position:
+    """Continue on another number of processes: same samples left, schedules by progress.
+
+    The schedules are rebuilt for this world size by the config's rules (the lr's linear
+    scaling included), so they are indexed by how far through the epoch the run is, not by
+    the old step count.
+    """
+    saved_optim = saved_config.get("optim", {})
+    saved_batch = (saved_optim.get("batch_size_per_gpu", 0) * saved_world
+                   * saved_optim.get("accum_steps", 1))
+    batch = total_batch_size(cfg, world)
+    schedule_step = (saved.epoch * engine.schedules.steps_per_epoch
+                     + saved.epoch_samples // batch)
+    LOG.warning(
+        "resuming on %d processes a checkpoint written by %d: total batch %d -> %d, so the "
+        "schedules follow the config's rules for the new batch (peak lr %.3g); epoch %d "
+        "continues after its first %d samples, dealt to %d ranks (none repeated); stochastic "
+        "depth restarts its random stream from the seed", world, saved_world, saved_batch,
+        batch, float(engine.schedules.lr.max()), saved.epoch, saved.epoch_samples, world)
+    return dataclasses.replace(saved, schedule_step=schedule_step)
 
 
 def cli() -> None:

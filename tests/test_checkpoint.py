@@ -100,15 +100,38 @@ def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path, image_folder):
     resumed_equals_uninterrupted(tmp_path, image_folder, nproc=2)
 
 
+def metrics_rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
 def test_two_rank_checkpoint_resumes_on_one_process(tmp_path, image_folder):
-    """A different world size continues from the right step and says the order is approximate."""
-    extra = {"train.epochs": 2}
-    run_train(tiny_overrides(image_folder, tmp_path, **extra, **{
-        "optim.batch_size_per_gpu": 4, "train.max_steps": 3}), nproc=2)
+    """32 images, 8 per step on 2 ranks: stopped after 24 of epoch 0, the single process
+    takes exactly the 8 left (2 steps of 4), then full epochs of 8 steps, on a schedule
+    rebuilt for its batch and indexed by progress."""
+    extra = {"train.epochs": 2, "optim.batch_size_per_gpu": 4}
+    run_train(tiny_overrides(image_folder, tmp_path, **extra, **{"train.max_steps": 3}), nproc=2)
     result = run_train(tiny_overrides(image_folder, tmp_path, **extra))
     assert "resumed from" in result.stdout and "step_00000003.pt" in result.stdout
-    assert "resharded approximately" in result.stdout
-    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
-    final = torch.load(tmp_path / "checkpoints" / "step_00000008.pt", weights_only=True)
-    assert (final["step"], final["epoch"], final["world_size"]) == (8, 2, 1)
+    assert "total batch 8 -> 4" in result.stdout and "first 24 samples" in result.stdout
+    rows = metrics_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 14))
+    assert [r["epoch_samples"] for r in rows[:5]] == [8, 16, 24, 28, 32]
+    assert [r["epoch_samples"] for r in rows[5:]] == list(range(4, 33, 4))
+    final = torch.load(tmp_path / "checkpoints" / "step_00000013.pt", weights_only=True)
+    assert (final["step"], final["epoch"], final["world_size"]) == (13, 2, 1)
+    assert final["schedule_step"] == 16  # 2 epochs x 8 steps of the rebuilt schedule
+
+
+def test_incompatible_model_is_refused_before_anything_changes(tmp_path, image_folder):
+    run_train(tiny_overrides(image_folder, tmp_path, **{"train.max_steps": 2}))
+    ckpt = tmp_path / "checkpoints" / "step_00000002.pt"
+    before = digest(ckpt)
+    result = run_train(tiny_overrides(image_folder, tmp_path, **{
+        "train.max_steps": 4, "model.out_dim": 128, "model.patch_size": 4}), check=False)
+    assert result.returncode == 1
+    message = result.stderr + result.stdout
+    assert "model.out_dim: 256 in the checkpoint, 128 now" in message
+    assert "model.patch_size: 8 in the checkpoint, 4 now" in message
+    assert "Traceback" not in message
+    assert digest(ckpt) == before and [p.name for p in list_checkpoints(ckpt.parent)] == [ckpt.name]

@@ -158,8 +158,8 @@ def test_collate_multicrop_stacks_per_crop_position():
 
 # ---------------------------------------------------------------- sampler
 
-def epoch_indices(sampler: ShardedEpochSampler, epoch: int, start: int = 0) -> list[int]:
-    sampler.set_epoch(epoch, start=start)
+def epoch_indices(sampler: ShardedEpochSampler, epoch: int, consumed: int = 0) -> list[int]:
+    sampler.set_epoch(epoch, consumed=consumed)
     keys = list(sampler)
     assert len(keys) == len(sampler) and all(e == epoch for e, _ in keys)
     return [index for _, index in keys]
@@ -182,11 +182,27 @@ def test_uneven_length_drops_the_tail_instead_of_padding():
     assert len(flat) == len(set(flat)) == 9
 
 
-def test_start_skips_this_ranks_first_samples():
+def test_consumed_skips_the_first_samples_of_all_ranks():
     sampler = ShardedEpochSampler(20, 2, 1, seed=5)
     full = epoch_indices(sampler, epoch=3)
-    resumed = epoch_indices(sampler, epoch=3, start=4)
+    resumed = epoch_indices(sampler, epoch=3, consumed=8)  # 4 per rank already seen
     assert resumed == full[4:] and len(sampler) == 6 and sampler.samples_per_rank == 10
+
+
+@pytest.mark.parametrize("old_world, new_world, consumed", [(2, 1, 8), (2, 3, 6), (1, 2, 7), (3, 2, 9)])
+def test_resharded_rest_of_epoch_neither_repeats_nor_skips(old_world, new_world, consumed):
+    n, seed, epoch = 23, 4, 1
+    order = epoch_indices(ShardedEpochSampler(n, 1, 0, seed=seed), epoch)
+    before = [epoch_indices(ShardedEpochSampler(n, old_world, r, seed=seed), epoch)
+              for r in range(old_world)]
+    seen = [i for k in range(consumed // old_world) for r in range(old_world) for i in [before[r][k]]]
+    after = [epoch_indices(ShardedEpochSampler(n, new_world, r, seed=seed), epoch, consumed)
+             for r in range(new_world)]
+    rest = [i for indices in after for i in indices]
+    assert not set(seen) & set(rest) and len(set(rest)) == len(rest)
+    # Only the tail that does not divide by the new world size is dropped, as in any epoch.
+    assert set(seen) | set(rest) == set(order[:consumed + len(rest)])
+    assert n - consumed - len(rest) < new_world
 
 
 def test_permutation_changes_between_epochs():
@@ -210,7 +226,7 @@ def test_sampler_rejects_bad_rank_and_replicas():
     with pytest.raises(ValueError):
         ShardedEpochSampler(10, 0, 0, seed=0)
     with pytest.raises(ValueError):
-        ShardedEpochSampler(10, 2, 0, seed=0).set_epoch(0, start=6)
+        ShardedEpochSampler(10, 2, 0, seed=0).set_epoch(0, consumed=11)
 
 
 # ---------------------------------------------------------------- folders

@@ -11,7 +11,7 @@ import torch
 from dino_dist.build import build_optimizer, build_student_teacher, seed_everything
 from dino_dist.config import load_config
 from dino_dist.dist import DistEnv
-from dino_dist.engine import DinoEngine
+from dino_dist.engine import DinoEngine, NonFiniteLossError
 from dino_dist.loss import DINOLoss
 from dino_dist.models import last_layer_parameters
 from dino_dist.schedules import build_schedules
@@ -127,22 +127,33 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path, image_folder):
+def test_non_finite_steps_on_one_rank_are_skipped_then_stop_every_rank(tmp_path, image_folder):
+    """Rank 1's loss is NaN from step index 2 on: every rank skips those steps (weights
+    untouched) and the third in a row, past train.max_nonfinite_steps=2, stops all."""
     script = tmp_path / "nan_run.py"
     script.write_text(NAN_ON_RANK_1)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
            *tiny_overrides(image_folder, out, **{"optim.batch_size_per_gpu": 4,
-                                                 "checkpoint.every_steps": 1})]
+                                                 "checkpoint.every_steps": 1,
+                                                 "checkpoint.keep_last": 10,
+                                                 "train.max_nonfinite_steps": 2})]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=180)  # a hung rank would hit this timeout
     assert result.returncode != 0
-    messages = [l for l in result.stdout.splitlines() if "loss is not finite at step 2" in l]
+    messages = [l for l in result.stdout.splitlines() if "3 optimizer steps in a row" in l]
     assert len(messages) == 1, result.stdout + result.stderr  # printed once, by rank 0
-    assert "all ranks stopped" in messages[0]
-    assert (out / "checkpoints" / "step_00000002.pt").is_file()  # earlier work is kept
-    assert not (out / "checkpoints" / "step_00000003.pt").exists()
+    assert "non-finite loss (the last at step 4" in messages[0]
+    assert "all ranks stopped" in messages[0] and "Traceback" not in result.stdout
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "step_00000005.pt").exists()
+    good = torch.load(ckpts / "step_00000002.pt", weights_only=True)
+    for skipped in ("step_00000003.pt", "step_00000004.pt"):
+        state = torch.load(ckpts / skipped, weights_only=True)
+        for part in ("student", "teacher", "loss"):
+            assert all(torch.equal(good[part][k], state[part][k]) for k in good[part]), part
+        assert state["skipped_steps"] > good["skipped_steps"] == 0
 
 
 def test_fp16_step_with_overflowing_gradients_is_skipped_and_counted(tmp_path):
@@ -155,3 +166,29 @@ def test_fp16_step_with_overflowing_gradients_is_skipped_and_counted(tmp_path):
     assert result.skipped and engine.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, engine.trainable))
     assert engine.scaler.get_scale() < 2.0**126  # the scaler backed off
+
+
+def test_non_finite_steps_are_skipped_until_the_limit(tmp_path):
+    """NaN inputs: the step leaves weights, teacher and center alone; a good step resets the
+    count; max_nonfinite_steps + 1 bad steps in a row raise."""
+    engine = make_engine(tiny_cfg(tmp_path))
+    engine.max_nonfinite_steps = 2
+    poisoned = [c * float("nan") for c in random_crops(4, 0)]
+
+    def snapshot():
+        return [t.clone() for t in [*engine.trainable, *engine.ema_teacher, engine.loss_fn.center]]
+
+    before = snapshot()
+    for step in range(2):
+        engine.micro_step(poisoned, step, 1.0, sync_grads=True)
+        assert engine.finish_step(step, epoch=0).skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    engine.micro_step(random_crops(4, 1), 2, 1.0, sync_grads=True)
+    assert not engine.finish_step(2, epoch=0).skipped and engine.bad_streak == 0
+    for step in range(3, 5):
+        engine.micro_step(poisoned, step, 1.0, sync_grads=True)
+        engine.finish_step(step, epoch=0)
+    engine.micro_step(poisoned, 5, 1.0, sync_grads=True)
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row had a non-finite loss"):
+        engine.finish_step(5, epoch=0)
+    assert engine.skipped_steps == 5

@@ -33,14 +33,19 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         self.shuffle = shuffle
         self.samples_per_rank = dataset_len // num_replicas
         self.epoch = 0
-        self.start = 0
+        self.consumed = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch to iterate; skip this rank's first `start` samples (to resume)."""
-        if not 0 <= start <= self.samples_per_rank:
-            raise ValueError(f"start must be in [0, {self.samples_per_rank}], got {start}")
+    def set_epoch(self, epoch: int, consumed: int = 0) -> None:
+        """Select the epoch to iterate, skipping the first `consumed` samples of its global order.
+
+        `consumed` counts samples of all ranks together, so a run resumed on another number of
+        ranks continues exactly where the old ranks stopped: the rest of the permutation is
+        dealt round-robin to the new ranks, and no sample of the epoch repeats.
+        """
+        if not 0 <= consumed <= self.dataset_len:
+            raise ValueError(f"consumed must be in [0, {self.dataset_len}], got {consumed}")
         self.epoch = epoch
-        self.start = start
+        self.consumed = consumed
 
     def epoch_permutation(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -49,11 +54,12 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         return torch.randperm(self.dataset_len, generator=generator)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        used = self.samples_per_rank * self.num_replicas
-        mine = self.epoch_permutation(self.epoch)[:used][self.rank :: self.num_replicas]
+        rest = self.epoch_permutation(self.epoch)[self.consumed :]
+        used = len(self) * self.num_replicas
         epoch = self.epoch
-        for index in mine[self.start :].tolist():
+        for index in rest[:used][self.rank :: self.num_replicas].tolist():
             yield epoch, index
 
     def __len__(self) -> int:
-        return self.samples_per_rank - self.start
+        """This rank's samples left in the epoch."""
+        return (self.dataset_len - self.consumed) // self.num_replicas
