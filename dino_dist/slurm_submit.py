@@ -76,19 +76,14 @@ def resolve_config(config_path: str, args: argparse.Namespace) -> tuple[Config, 
     return cfg, words
 
 
-def executor_parameters(s: SlurmConfig, local: bool) -> dict:
+def slurm_parameters(s: SlurmConfig) -> dict:
+    """AutoExecutor parameters: generic ones, and `slurm_` ones only where something is set."""
     params = {"timeout_min": s.timeout_min, "nodes": s.nodes, "tasks_per_node": s.tasks_per_node,
-              "name": s.job_name}
+              "name": s.job_name, "slurm_signal_delay_s": s.signal_delay_s}
     optional = {"gpus_per_node": s.gpus_per_node, "cpus_per_task": s.cpus_per_task,
-                "mem_gb": s.mem_gb}
+                "mem_gb": s.mem_gb, "slurm_partition": s.partition, "slurm_account": s.account,
+                "slurm_qos": s.qos, "slurm_constraint": s.constraint}
     params.update({k: v for k, v in optional.items() if v})
-    if local:
-        params["local_signal_delay_s"] = s.signal_delay_s
-        return params
-    params["slurm_signal_delay_s"] = s.signal_delay_s
-    for name in ("partition", "account", "qos", "constraint"):
-        if getattr(s, name):
-            params[f"slurm_{name}"] = getattr(s, name)
     # --requeue: some clusters refuse `scontrol requeue` for jobs not marked requeueable.
     params["slurm_additional_parameters"] = {"requeue": True}
     # A trapped TERM keeps the batch shell alive until srun ends, so a TERM sent to the whole
@@ -97,17 +92,29 @@ def executor_parameters(s: SlurmConfig, local: bool) -> dict:
     return params
 
 
+def local_parameters(s: SlurmConfig) -> dict:
+    params = {"timeout_min": s.timeout_min, "tasks_per_node": s.tasks_per_node,
+              "signal_delay_s": s.signal_delay_s}
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
+    return params
+
+
 def make_executor(folder: Path, settings: SlurmConfig, local: bool):
     import submitit
 
-    if not local and shutil.which("sbatch") is None:
+    if local:
+        if settings.nodes != 1:
+            raise SubmitError(f"--local runs on this machine only, got --nodes "
+                              f"{settings.nodes}: drop --nodes or submit to SLURM")
+        executor = submitit.LocalExecutor(folder=folder / "%j")
+        executor.update_parameters(**local_parameters(settings))
+        return executor
+    if shutil.which("sbatch") is None:
         raise SubmitError("sbatch not found: submit from a SLURM login node, or use --local "
                           "to run through submitit's local executor")
-    if local and settings.nodes != 1:
-        raise SubmitError(f"--local runs on this machine only, got --nodes {settings.nodes}: "
-                          f"drop --nodes or submit to SLURM")
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="local" if local else "slurm")
-    executor.update_parameters(**executor_parameters(settings, local))
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(**slurm_parameters(settings))
     return executor
 
 
@@ -168,7 +175,7 @@ def last_known_state(job_id: str) -> str | None:
 
 def wait_local(job) -> str:
     try:
-        job.result()
+        job.results()  # one per task
         return "COMPLETED"
     except Exception as err:  # submitit re-raises the job's failure with its traceback
         print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)

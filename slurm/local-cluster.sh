@@ -66,8 +66,8 @@ ClusterName=local
 SlurmctldHost=$NODE
 SlurmUser=root
 AuthType=auth/munge
-# A requeued job waits cred_expire before it can start again (default 120 s).
-AuthInfo=cred_expire=10
+# A requeued job waits cred_expire before it can start again (default 120 s; 5 is the least).
+AuthInfo=cred_expire=5
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d

@@ -1,0 +1,193 @@
+"""Against a real one-node SLURM (slurm/local-cluster.sh): preemption, time limits, requeue.
+
+Each test submits a tiny CPU training, signals it the way a cluster does, and checks that
+the run stopped at a step boundary with a checkpoint of that step, requeued itself, resumed
+from it and logged every step exactly once. The figures for the README's closing note (seconds
+from the signal to the committed checkpoint, steps lost) are printed with `-s`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, subprocess_env, tiny_overrides, write_image_folder
+
+CLUSTER = REPO / "slurm" / "local-cluster.sh"
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The local SLURM, started if installed; a loud skip naming the reason otherwise."""
+    if shutil.which("sbatch") is None:
+        reason = ("SLURM TESTS SKIPPED: SLURM is not installed. Run `slurm/local-cluster.sh "
+                  "start` as root (or .ci/run) to install and start a local one-node SLURM")
+    else:
+        started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True,
+                                 timeout=180)
+        reason = None if started.returncode == 0 else (
+            f"SLURM TESTS SKIPPED: slurm/local-cluster.sh start failed: "
+            f"{started.stderr.strip()[-500:]}")
+    if reason:
+        warnings.warn(reason)
+        print(f"\n{'!' * 20} {reason} {'!' * 20}", file=sys.stderr)
+        pytest.skip(reason)
+
+
+def job_state(job_id: str) -> str | None:
+    out = subprocess.run(["squeue", "-j", job_id, "-t", "all", "-h", "-o", "%T"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def wait_final(job_id: str, timeout_s: float) -> str:
+    """squeue, not sacct (no accounting database) and not submitit's watcher (it uses sacct)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_state(job_id)
+        if state in FINAL:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} still {job_state(job_id)} after {timeout_s} s")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_steps(run_dir: Path, job_id: str, count: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(logged_steps(run_dir)) < count:
+        if time.monotonic() > deadline or job_state(job_id) in FINAL:
+            subprocess.run(["scancel", job_id])
+            raise AssertionError(f"job {job_id} logged {len(logged_steps(run_dir))} steps "
+                                 f"(state {job_state(job_id)}); see {run_dir}")
+        time.sleep(0.1)
+
+
+def submit(*words: str) -> str:
+    result = subprocess.run([sys.executable, "launch/submit.py", *words], cwd=REPO, text=True,
+                            capture_output=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return re.search(r"job id: (\d+)", result.stdout).group(1)
+
+
+def stops_in_log(run_dir: Path) -> list[tuple[str, int]]:
+    """(signal, step) of every 'stopped by' line rank 0 logged."""
+    text = (run_dir / "log.txt").read_text()
+    return [(sig, int(step)) for sig, step in re.findall(r"stopped by (\w+) at step (\d+)", text)]
+
+
+def check_resumed_without_loss(run_dir: Path, stop_step: int, total_steps: int) -> None:
+    log = (run_dir / "log.txt").read_text()
+    assert f"resumed from {run_dir}/checkpoints/step_{stop_step:08d}.pt" in log, log[-3000:]
+    assert "requeued job" in log
+    # A lost step would be trained and logged twice (before the stop and after the resume).
+    assert logged_steps(run_dir) == list(range(1, total_steps + 1))
+
+
+def commit_seconds(run_dir: Path, stop_step: int, signalled_at: float) -> float:
+    manifest = run_dir / "checkpoints" / f"step_{stop_step:08d}.pt.manifest.json"
+    return manifest.stat().st_mtime - signalled_at
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "images", per_class=64)
+
+
+def preemption_overrides(images: Path, run_dir: Path) -> list[str]:
+    # 8 steps per epoch on 2 ranks, 40 steps: long enough to be signalled mid-run.
+    return tiny_overrides(images, run_dir, **{"train.epochs": 5, "checkpoint.keep_last": 100})
+
+
+@pytest.mark.parametrize("sig", ["USR2", "TERM"])
+def test_two_task_job_saves_on_signal_requeues_and_completes(slurm, images, tmp_path, sig):
+    """scancel --signal on a running 2-task job (gloo): USR2 through submitit, TERM through
+    the plain sbatch script."""
+    run_dir = tmp_path / "run"
+    overrides = preemption_overrides(images, run_dir)
+    if sig == "USR2":
+        job = submit("--config", "configs/demo.yaml", "--tasks-per-node", "2",
+                     "--timeout-min", "10", "--max-requeues", "3", *overrides)
+    else:
+        env = {**subprocess_env(), "DINO_PYTHON": sys.executable}
+        out = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--time=10",
+                              f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch",
+                              "--config", "configs/demo.yaml", *overrides],
+                             cwd=REPO, env=env, capture_output=True, text=True, check=True)
+        job = out.stdout.strip()
+    wait_for_steps(run_dir, job, 3)
+    signalled_at = time.time()
+    subprocess.run(["scancel", f"--signal={sig}", job], check=True)
+    assert wait_final(job, 150) == "COMPLETED"
+
+    stops = stops_in_log(run_dir)
+    assert [s for s, _ in stops] == [f"SIG{sig}"], stops
+    stop_step = stops[0][1]
+    check_resumed_without_loss(run_dir, stop_step, 40)
+    seconds = commit_seconds(run_dir, stop_step, signalled_at)
+    print(f"\n{sig}: checkpoint of step {stop_step} committed {seconds:.2f} s after "
+          f"scancel --signal={sig}; 0 steps lost")
+    assert seconds < 30
+
+
+def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, tmp_path):
+    """--timeout-min 1: SLURM's own USR2 before the limit stops, saves and requeues the run,
+    as often as needed; the final checkpoint equals a run that was never stopped."""
+    images = write_image_folder(tmp_path / "images", per_class=256)
+    # 64 steps per epoch, 1216 steps: more than one 1-minute allocation can train on 2 cores.
+    extra = {"train.epochs": 19, "data.num_workers": 1, "checkpoint.keep_last": 2}
+    slurm_dir, plain_dir = tmp_path / "slurm_run", tmp_path / "plain_run"
+    job = submit("--config", "configs/demo.yaml", "--timeout-min", "1", "--signal-delay-s", "10",
+                 "--max-requeues", "8", *tiny_overrides(images, slurm_dir, **extra))
+    plain = subprocess.Popen([sys.executable, "-m", "dino_dist.train", "--config",
+                              "configs/demo.yaml", *tiny_overrides(images, plain_dir, **extra)],
+                             cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    assert wait_final(job, 420) == "COMPLETED"
+    assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
+
+    stops = stops_in_log(slurm_dir)
+    assert stops and all(sig == "SIGUSR2" for sig, _ in stops), stops
+    log = (slurm_dir / "log.txt").read_text()
+    for _, step in stops:
+        assert f"resumed from {slurm_dir}/checkpoints/step_{step:08d}.pt" in log
+    assert logged_steps(slurm_dir) == list(range(1, 1217))
+    final = "checkpoints/step_00001216.pt"
+    a = torch.load(slurm_dir / final, weights_only=True)
+    b = torch.load(plain_dir / final, weights_only=True)
+    for part in ("student", "teacher"):
+        for key in b[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
+    assert torch.equal(a["loss"]["center"], b["loss"]["center"])
+    print(f"\ntime limit: {len(stops)} stops at steps {[s for _, s in stops]}, 0 steps lost, "
+          f"final checkpoint identical to the uninterrupted run")
+
+
+def test_local_executor_runs_the_same_training(images, tmp_path):
+    """--local: submitit's local executor, 2 tasks on this machine, no SLURM involved."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "launch/submit.py", "--local", "--wait", "--tasks-per-node", "2",
+         "--config", "configs/demo.yaml", *tiny_overrides(images, run_dir, **{"train.epochs": 1})],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "final state: COMPLETED" in result.stdout
+    assert f"run directory: {run_dir}" in result.stdout
+    assert "rank 0 of 2" in (run_dir / "log.txt").read_text()
+    assert logged_steps(run_dir) == list(range(1, 9))
+    assert (run_dir / "checkpoints" / "step_00000008.pt.manifest.json").exists()
