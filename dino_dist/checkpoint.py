@@ -63,6 +63,34 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
+class _ErrorKeepingWriter:
+    """Passes writes through and keeps the OSError one raised: torch.save reports a failed
+    write (disk full, quota) as a RuntimeError that has lost the errno."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save_tensors(state: dict[str, Any], file) -> None:
+    writer = _ErrorKeepingWriter(file)
+    try:
+        torch.save(state, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+
+
 def _test_delay() -> None:
     """Fault tests stretch the write so a kill can land inside it; never set in normal runs."""
     delay = float(os.environ.get("DINO_DIST_TEST_SAVE_DELAY_S", "0") or 0)
@@ -104,7 +132,7 @@ def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool,
 
 def _commit(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda f: torch.save(state, f))
+    _write_atomically(path, lambda f: _save_tensors(state, f))
     manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
                 "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
                 "size": path.stat().st_size, "sha256": _sha256(path)}
@@ -177,6 +205,17 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu",
         raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)}: "
                               f"it was not written by dino-train")
     return state
+
+
+def remove_unfinished_writes(directory: Path) -> list[Path]:
+    """Delete `.tmp` files a killed writer left behind (never a final-named file)."""
+    if not directory.is_dir():
+        return []
+    debris = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for path in debris:
+        path.unlink(missing_ok=True)
+        LOG.warning("removed %s: a save that was interrupted before it was committed", path)
+    return debris
 
 
 def load_newest_valid(directory: Path, map_location: torch.device | str = "cpu"):

@@ -88,10 +88,27 @@ def init_distributed(device_preference: str = "auto", timeout_s: int = 1800) -> 
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: "
                                "start the job with torchrun or set MASTER_ADDR/MASTER_PORT")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout,
+                                store=restart_scoped_store(rank, world, timeout),
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def restart_scoped_store(rank: int, world: int, timeout: datetime.timedelta):
+    """Under torchrun, a store whose keys are private to this restart round; else None.
+
+    With static rendezvous torchrun keeps one store across `--max-restarts` rounds, and the
+    process group's keys (each rank's gloo address) would still hold the dead round's values:
+    a restarted rank could read them and try to connect to a process that no longer exists.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"dino_dist/restart_{restart}", store)
 
 
 def set_collective_timeout(timeout_s: int) -> None:
@@ -104,6 +121,22 @@ def set_collective_timeout(timeout_s: int) -> None:
     else:  # torch before the public setter
         from torch.distributed.distributed_c10d import _set_pg_timeout
         _set_pg_timeout(timeout)
+
+
+# What gloo and NCCL say when a peer died or stopped answering (they raise plain RuntimeError).
+_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed",
+                       "Broken pipe", "NCCL communicator was aborted", "DistBackendError")
+
+
+def describe_collective_failure(err: BaseException, timeout_s: int) -> str | None:
+    """A one-line explanation when `err` is a collective that lost a peer, else None."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not (isinstance(err, dist.DistError) or any(s in first_line for s in _PEER_FAILURE_SIGNS)):
+        return None
+    detail = first_line.split("] ", 1)[-1][:200]  # drop gloo's source-file prefix
+    return (f"a collective failed ({detail}): another process died or stopped answering "
+            f"within train.dist_timeout_s={timeout_s}; restart the job to resume from the "
+            f"newest checkpoint")
 
 
 def teardown() -> None:

@@ -6,6 +6,8 @@ statistics cover the global batch, as in the reference recipe.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -31,5 +33,9 @@ def wrap_student(student: nn.Module, env: DistEnv) -> nn.Module:
     if not env.distributed:
         return student
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    # broadcast_buffers=False: BN statistics are synchronised by SyncBatchNorm already.
-    return DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
+    # No buffer sync in forward: BN statistics are synchronised by SyncBatchNorm already.
+    # (torch renamed the flag; the old name still works but warns.)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(student, device_ids=device_ids, **no_buffer_sync)

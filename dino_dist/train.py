@@ -15,12 +15,12 @@ from pathlib import Path
 import yaml
 
 from dino_dist.checkpoint import (CheckpointError, check_compatible, list_checkpoints,
-                                  load_checkpoint, load_newest_valid, restore_training_state,
-                                  save_checkpoint, training_state)
+                                  load_checkpoint, load_newest_valid, remove_unfinished_writes,
+                                  restore_training_state, save_checkpoint, training_state)
 from dino_dist.config import Config, ConfigError, dump_config, load_config
 from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
-from dino_dist.dist import (DistEnv, barrier, init_distributed, set_collective_timeout,
-                            teardown)
+from dino_dist.dist import (DistEnv, barrier, describe_collective_failure, init_distributed,
+                            set_collective_timeout, teardown)
 from dino_dist.engine import NonFiniteLossError
 from dino_dist.final_eval import report_knn_at_end
 from dino_dist.loop import LoopEnd, Position, train_loop
@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             LOG.error("dino-train: error: %s", err)
         elif env.is_main:  # failed before logging was set up
             print(f"dino-train: error: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        explained = describe_collective_failure(err, cfg.train.dist_timeout_s)
+        if explained is None:
+            raise
+        # Every surviving rank says it: the one that noticed first may not be rank 0.
+        print(f"dino-train: error: rank {env.rank}: {explained}", file=sys.stderr, flush=True)
         return 1
     finally:
         teardown()
@@ -155,6 +162,8 @@ def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv) 
         path = Path(cfg.checkpoint.resume_from)
         state = load_checkpoint(path, map_location=env.device)
     elif cfg.checkpoint.resume:
+        if env.is_main:
+            remove_unfinished_writes(checkpoint_dir)
         path, state = load_newest_valid(checkpoint_dir, map_location=env.device)
     else:
         path, state = None, None
