@@ -63,32 +63,39 @@ def _write_atomically(path: Path, write) -> None:
         raise
 
 
-class _ErrorKeepingWriter:
-    """Passes writes through and keeps the OSError one raised: torch.save reports a failed
-    write (disk full, quota) as a RuntimeError that has lost the errno."""
+class _HashingWriter:
+    """Passes torch.save's writes through, hashing them on the way (torch.save writes its
+    archive front to back, so this is the file's checksum without reading it back), and keeps
+    the OSError a write raised: torch.save reports a failed write (disk full, quota) as a
+    RuntimeError that has lost the errno."""
 
     def __init__(self, file) -> None:
         self.file, self.error = file, None
+        self.digest, self.size = hashlib.sha256(), 0
 
     def write(self, data) -> int:
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as err:
             self.error = err
             raise
+        self.digest.update(data)
+        self.size += len(data)
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def _save_tensors(state: dict[str, Any], file) -> None:
-    writer = _ErrorKeepingWriter(file)
+def _save_tensors(state: dict[str, Any], file) -> _HashingWriter:
+    writer = _HashingWriter(file)
     try:
         torch.save(state, writer)
     except RuntimeError:
         if writer.error is not None:
             raise writer.error from None
         raise
+    return writer
 
 
 def _test_delay() -> None:
@@ -132,10 +139,13 @@ def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool,
 
 def _commit(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda f: _save_tensors(state, f))
+    written = []
+    _write_atomically(path, lambda f: written.append(_save_tensors(state, f)))
+    if written[0].size != path.stat().st_size:  # torch.save seeked back: hash the file instead
+        written[0].digest = hashlib.sha256(path.read_bytes())
     manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
                 "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
-                "size": path.stat().st_size, "sha256": _sha256(path)}
+                "size": path.stat().st_size, "sha256": written[0].digest.hexdigest()}
     _write_atomically(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
     _fsync_dir(path.parent)
 

@@ -1,0 +1,69 @@
+"""How long a checkpoint save blocks training, for a config's model size.
+
+    python benchmarks/checkpoint_save.py --config configs/vit_small_16.yaml [--repeats 3]
+
+Builds the config's student, teacher, AdamW (with its moment buffers filled) and DINO loss on
+CPU, then times the save exactly as training does it: gathering the state, writing the data
+file, fsync, rename, checksum, manifest, directory fsync. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from dino_dist.build import build_optimizer, build_student_teacher
+from dino_dist.checkpoint import save_checkpoint, training_state
+from dino_dist.config import load_config
+from dino_dist.dist import DistEnv
+from dino_dist.loss import DINOLoss
+
+
+def engine_for(config_path: str, overrides: list[str]) -> SimpleNamespace:
+    cfg = load_config(config_path, overrides)
+    student, teacher = build_student_teacher(cfg)
+    optimizer = build_optimizer(student, cfg, torch.device("cpu"))
+    for p in student.parameters():  # one step fills AdamW's two moment buffers per tensor
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return SimpleNamespace(student_module=student, teacher=teacher, optimizer=optimizer,
+                           scaler=torch.amp.GradScaler("cpu", enabled=False),
+                           loss_fn=DINOLoss(cfg.model.out_dim), env=env, skipped_steps=0,
+                           skipped_images=0, cfg=cfg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp folder)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    engine = engine_for(args.config, args.overrides)
+    position = {"step": 0, "epoch": 0, "epoch_step": 0, "epoch_samples": 0, "schedule_step": 0}
+    seconds = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            state = training_state(engine, engine.cfg.to_dict(), {**position, "step": repeat})
+            path = save_checkpoint(Path(folder), state, is_main=True, keep_last=1)
+            seconds.append(time.perf_counter() - started)
+        size = path.stat().st_size
+    params = sum(p.numel() for p in engine.student_module.parameters())
+    print(json.dumps({"config": args.config, "arch": engine.cfg.model.arch,
+                      "out_dim": engine.cfg.model.out_dim, "student_params_m": round(params / 1e6, 2),
+                      "checkpoint_mb": round(size / 2**20, 1),
+                      "save_blocking_s_median": round(statistics.median(seconds), 3),
+                      "save_blocking_s_all": [round(s, 3) for s in seconds],
+                      "mb_per_s": round(size / 2**20 / statistics.median(seconds), 1)}))
+
+
+if __name__ == "__main__":
+    main()
