@@ -43,6 +43,14 @@ def install_stop_handlers(include_term: bool) -> None:
         signal.signal(sig, _request_stop)
 
 
+def ignore_stop_signals() -> None:
+    """Once training has ended there is nothing left to save, and a late USR2/TERM must not
+    kill the exit: Python restores the default actions (terminate) of its own handlers while
+    shutting down, but leaves ignored signals ignored."""
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def under_slurm() -> bool:
     return slurm_job_id() is not None
 

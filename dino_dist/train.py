@@ -26,7 +26,8 @@ from dino_dist.final_eval import report_knn_at_end
 from dino_dist.loop import LoopEnd, Position, train_loop
 from dino_dist.schedules import total_batch_size
 from dino_dist.metrics import MetricsWriter, setup_logging
-from dino_dist.preemption import after_stop, install_stop_handlers, under_slurm
+from dino_dist.preemption import (after_stop, ignore_stop_signals, install_stop_handlers,
+                                  under_slurm)
 
 LOG = logging.getLogger("dino_dist")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.train.device, timeout_s=max(STARTUP_TIMEOUT_S, cfg.train.dist_timeout_s))
     try:
         end = run(cfg, env)
+        ignore_stop_signals()  # nothing left to save: a late signal must not kill the exit
         if end.stop_reason:
             return after_stop(end.stop_reason, end.position.step, env.is_main,
                               cfg.slurm.max_requeues)

@@ -149,11 +149,14 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
     """--timeout-min 1: SLURM's own USR2 before the limit stops, saves and requeues the run,
     as often as needed; the final checkpoint equals a run that was never stopped."""
     images = write_image_folder(tmp_path / "images", per_class=256)
-    # 64 steps per epoch, 1216 steps: more than one 1-minute allocation can train on 2 cores.
-    extra = {"train.epochs": 19, "data.num_workers": 1, "checkpoint.keep_last": 2}
+    # slurmctld checks time limits every 30 s and sends USR2@N at the first check past
+    # limit - N - 30 s: here 25-55 s into an allocation. 64 steps per epoch, 1344 steps
+    # (about 60 s alone on 2 cores) cannot be done by then. A small N also makes the next
+    # allocation, which starts ~8 s after a check, skip the check at 22 s and run to ~52 s.
+    extra = {"train.epochs": 21, "data.num_workers": 1, "checkpoint.keep_last": 2}
     slurm_dir, plain_dir = tmp_path / "slurm_run", tmp_path / "plain_run"
-    job = submit("--config", "configs/demo.yaml", "--timeout-min", "1", "--signal-delay-s", "10",
-                 "--max-requeues", "8", *tiny_overrides(images, slurm_dir, **extra))
+    job = submit("--config", "configs/demo.yaml", "--timeout-min", "1", "--signal-delay-s", "5",
+                 "--max-requeues", "12", *tiny_overrides(images, slurm_dir, **extra))
     plain = subprocess.Popen([sys.executable, "-m", "dino_dist.train", "--config",
                               "configs/demo.yaml", *tiny_overrides(images, plain_dir, **extra)],
                              cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -166,8 +169,8 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
     log = (slurm_dir / "log.txt").read_text()
     for _, step in stops:
         assert f"resumed from {slurm_dir}/checkpoints/step_{step:08d}.pt" in log
-    assert logged_steps(slurm_dir) == list(range(1, 1217))
-    final = "checkpoints/step_00001216.pt"
+    assert logged_steps(slurm_dir) == list(range(1, 1345))
+    final = "checkpoints/step_00001344.pt"
     a = torch.load(slurm_dir / final, weights_only=True)
     b = torch.load(plain_dir / final, weights_only=True)
     for part in ("student", "teacher"):
