@@ -60,6 +60,11 @@ class OptimConfig:
     accum_steps: int = 1
     lr: float = 0.0005  # for a total batch of 256; scaled linearly by the real total batch
     min_lr: float = 1e-6
+    # After warm-up: cosine (DINO) | linear | cosine_restarts | polynomial | constant_after_decay
+    lr_schedule: str = "cosine"
+    lr_cycle_epochs: int = 0  # cosine_restarts: epochs per cycle
+    lr_power: float = 2.0  # polynomial: exponent of the decay
+    lr_decay_epochs: int = 0  # constant_after_decay: epochs of cosine decay, then min_lr
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
@@ -81,6 +86,16 @@ class LossConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when the periodic evaluation's metric has not improved for `patience` evaluations."""
+    enabled: bool = False
+    metric: str = "knn_top1"  # knn_top1 | knn_top5 | val_loss (see eval.every_epochs)
+    mode: str = "auto"  # auto (max for k-NN, min for losses) | max | min
+    patience: int = 3  # evaluations without an improvement of more than min_delta
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 100
     max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
@@ -94,6 +109,7 @@ class TrainConfig:
     # time rank 0 needs to write one checkpoint, since the other ranks wait for it.
     dist_timeout_s: int = 600
     max_nonfinite_steps: int = 10  # skipped non-finite steps in a row before the run stops
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -109,6 +125,8 @@ class CheckpointConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # A collapse warning needs this many logging steps in a row that look collapsed.
+    collapse_window: int = 3
 
 
 @dataclass
@@ -120,6 +138,11 @@ class EvalConfig:
     knn_temperature: float = 0.07
     image_size: int = 224
     batch_size: int = 64
+    every_epochs: int = 0  # evaluate during training every N epochs; 0 = off
+    # Held-out images (any folder layout) for a validation DINO loss; "" = the demo's val
+    # split with data.path=demo, else no validation loss.
+    val_loss_path: str = ""
+    best_metric: str = "auto"  # kept in checkpoints/best/: knn_top1 | knn_top5 | val_loss | auto
 
 
 @dataclass
@@ -161,6 +184,11 @@ CHOICES = {
     "train.parallel": ("ddp",),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.clip_mode": ("per_param", "global"),
+    "optim.lr_schedule": ("cosine", "linear", "cosine_restarts", "polynomial",
+                          "constant_after_decay"),
+    "eval.best_metric": ("auto", "knn_top1", "knn_top5", "val_loss"),
+    "train.early_stopping.metric": ("knn_top1", "knn_top5", "val_loss"),
+    "train.early_stopping.mode": ("auto", "max", "min"),
 }
 POSITIVE = (
     "optim.batch_size_per_gpu", "optim.accum_steps", "train.epochs", "model.out_dim",
@@ -168,14 +196,16 @@ POSITIVE = (
     "data.local_crop_size", "log.every_steps", "eval.knn_k", "eval.batch_size",
     "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "eval.image_size",
     "eval.knn_temperature", "model.head_hidden_dim", "model.head_bottleneck_dim",
-    "checkpoint.keep_last", "train.dist_timeout_s",
+    "checkpoint.keep_last", "train.dist_timeout_s", "optim.lr_power", "log.collapse_window",
+    "train.early_stopping.patience",
 )
 NON_NEGATIVE = (
     "train.max_steps", "checkpoint.every_steps", "data.num_workers", "data.local_crops_number",
     "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
     "optim.freeze_last_layer", "optim.weight_decay", "optim.weight_decay_end",
     "loss.warmup_teacher_temp_epochs", "model.drop_path_rate", "train.seed",
-    "checkpoint.keep_every_epochs", "train.max_nonfinite_steps",
+    "checkpoint.keep_every_epochs", "train.max_nonfinite_steps", "optim.lr_cycle_epochs",
+    "optim.lr_decay_epochs", "eval.every_epochs", "train.early_stopping.min_delta",
 )
 POSITIVE += ("slurm.nodes", "slurm.timeout_min")
 NON_NEGATIVE += ("slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.cpus_per_task",
@@ -226,15 +256,33 @@ def apply_override(cfg: Config, word: str) -> None:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    if len(parts) != 2:
+    if len(parts) < 2:
         raise ConfigError(f"config key '{dotted}' must be section.key, e.g. optim.lr")
-    section = _section_of(cfg, parts[0])
-    names = {f.name: f for f in dataclasses.fields(section)}
-    if parts[1] not in names:
-        valid = [f"{parts[0]}.{n}" for n in names]
-        raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(dotted, valid)}")
-    hint = typing.get_type_hints(type(section))[parts[1]]
-    setattr(section, parts[1], _coerce(dotted, value, hint))
+    target = _section_of(cfg, parts[0])
+    for depth in range(1, len(parts)):
+        names = {f.name for f in dataclasses.fields(target)}
+        if parts[depth] not in names:
+            prefix = ".".join(parts[:depth])
+            valid = [f"{prefix}.{n}" for n in names]
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(dotted, valid)}")
+        hint = typing.get_type_hints(type(target))[parts[depth]]
+        if dataclasses.is_dataclass(hint):  # a sub-section, e.g. train.early_stopping
+            if depth == len(parts) - 1:
+                _set_subsection(cfg, dotted, value)
+                return
+            target = getattr(target, parts[depth])
+        elif depth < len(parts) - 1:
+            raise ConfigError(f"config key '{'.'.join(parts[:depth + 1])}' has no sub-keys: "
+                              f"write {'.'.join(parts[:depth + 1])}=VALUE")
+    setattr(target, parts[-1], _coerce(dotted, value, hint))
+
+
+def _set_subsection(cfg: Config, dotted: str, values: Any) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{dotted}' is a section: set its keys, "
+                          f"e.g. {dotted}.<key>=VALUE, or give a mapping")
+    for key, value in values.items():
+        set_value(cfg, f"{dotted}.{key}", value)
 
 
 def _section_of(cfg: Config, name: str) -> Any:
@@ -306,14 +354,24 @@ def validate(cfg: Config) -> None:
         for key in ("data.global_crop_size", "data.local_crop_size"):
             _check(cfg, key, lambda v: v % cfg.model.patch_size == 0,
                    f"must be a multiple of model.patch_size ({cfg.model.patch_size})")
+    _validate_lr_schedule(cfg)
     if cfg.data.global_crops_number + cfg.data.local_crops_number < 2:
         raise ConfigError("DINO needs at least 2 crops: raise data.global_crops_number "
                           "or data.local_crops_number")
 
 
+def _validate_lr_schedule(cfg: Config) -> None:
+    needs = {"cosine_restarts": "optim.lr_cycle_epochs", "constant_after_decay": "optim.lr_decay_epochs"}
+    key = needs.get(cfg.optim.lr_schedule)
+    if key is not None:
+        _check(cfg, key, lambda v: v > 0, f"must be > 0 with optim.lr_schedule="
+                                          f"{cfg.optim.lr_schedule}")
+
+
 def _check(cfg: Config, key: str, ok, requirement: str) -> None:
-    section, name = key.split(".")
-    value = getattr(getattr(cfg, section), name)
+    value = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
     if not ok(value):
         raise ConfigError(f"config key '{key}' {requirement}, got {value!r}")
 

@@ -19,9 +19,52 @@ def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int
     warmup_steps = min(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     warmup = np.linspace(warmup_start, base, warmup_steps, endpoint=False)
     decay_steps = epochs * steps_per_epoch - warmup_steps
-    t = np.arange(decay_steps)
-    decay = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(decay_steps, 1)))
-    return np.concatenate((warmup, decay))
+    return np.concatenate((warmup, _cosine(base, final, np.arange(decay_steps), decay_steps)))
+
+
+def _cosine(base: float, final: float, t: np.ndarray, length: int) -> np.ndarray:
+    return final + 0.5 * (base - final) * (1 + np.cos(np.pi * t / max(length, 1)))
+
+
+def _progress(n: int) -> np.ndarray:
+    """0 at the first decay step, 1 at the last, so linear-type decays end exactly at `final`."""
+    return np.arange(n) / max(n - 1, 1)
+
+
+LR_SCHEDULES = ("cosine", "linear", "cosine_restarts", "polynomial", "constant_after_decay")
+
+
+def lr_schedule(kind: str, base: float, final: float, epochs: int, steps_per_epoch: int,
+                warmup_epochs: int = 0, cycle_epochs: int = 0, power: float = 1.0,
+                decay_epochs: int = 0) -> np.ndarray:
+    """Linear warm-up from 0 to `base` over `warmup_epochs`, then over the n remaining steps
+    (t = 0..n-1, p = t / (n - 1)):
+
+    cosine                final + (base - final) * (1 + cos(pi t / n)) / 2   (DINO)
+    linear                base + (final - base) * p
+    cosine_restarts       the cosine restarted from `base` every `cycle_epochs` epochs
+    polynomial            final + (base - final) * (1 - p) ** power
+    constant_after_decay  the cosine over `decay_epochs` epochs, then `final` to the end
+    """
+    if kind == "cosine":
+        return cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs)
+    total = epochs * steps_per_epoch
+    warmup_steps = min(warmup_epochs * steps_per_epoch, total)
+    n = total - warmup_steps
+    t = np.arange(n)
+    if kind == "linear":
+        decay = base + (final - base) * _progress(n)
+    elif kind == "cosine_restarts":
+        cycle = max(cycle_epochs * steps_per_epoch, 1)
+        decay = _cosine(base, final, t % cycle, cycle)
+    elif kind == "polynomial":
+        decay = final + (base - final) * (1 - _progress(n)) ** power
+    elif kind == "constant_after_decay":
+        length = min(decay_epochs * steps_per_epoch, n)
+        decay = np.where(t < length, _cosine(base, final, np.minimum(t, length), length), final)
+    else:
+        raise ValueError(f"unknown lr schedule '{kind}': choose one of {', '.join(LR_SCHEDULES)}")
+    return np.concatenate((np.linspace(0.0, base, warmup_steps, endpoint=False), decay))
 
 
 def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int,
@@ -60,7 +103,8 @@ def build_schedules(cfg: Config, world_size: int, steps_per_epoch: int) -> Sched
     o, epochs = cfg.optim, cfg.train.epochs
     peak_lr = o.lr * total_batch_size(cfg, world_size) / 256.0  # linear scaling rule
     return Schedules(
-        lr=cosine_schedule(peak_lr, o.min_lr, epochs, steps_per_epoch, o.warmup_epochs),
+        lr=lr_schedule(o.lr_schedule, peak_lr, o.min_lr, epochs, steps_per_epoch,
+                       o.warmup_epochs, o.lr_cycle_epochs, o.lr_power, o.lr_decay_epochs),
         wd=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch),
         momentum=cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, epochs,
                                  steps_per_epoch),
