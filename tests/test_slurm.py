@@ -194,3 +194,20 @@ def test_local_executor_runs_the_same_training(images, tmp_path):
     assert "rank 0 of 2" in (run_dir / "log.txt").read_text()
     assert logged_steps(run_dir) == list(range(1, 9))
     assert (run_dir / "checkpoints" / "step_00000008.pt.manifest.json").exists()
+
+
+def test_plain_scancel_saves_and_is_not_requeued(slurm, images, tmp_path):
+    """scancel (no --signal) sends TERM too, but the user means to end the run."""
+    run_dir = tmp_path / "run"
+    job = submit("--config", "configs/demo.yaml", "--timeout-min", "10",
+                 *preemption_overrides(images, run_dir))
+    wait_for_steps(run_dir, job, 3)
+    subprocess.run(["scancel", job], check=True)
+    assert wait_final(job, 60) == "CANCELLED"
+    time.sleep(8)  # longer than the local cluster's requeue pause
+    assert job_state(job) == "CANCELLED"
+    stops = stops_in_log(run_dir)
+    assert [s for s, _ in stops] == ["SIGTERM"], stops
+    log = (run_dir / "log.txt").read_text()
+    assert re.search(rf"not requeued \(job {job} is (COMPLETING|CANCELLED)\)", log), log[-2000:]
+    assert (run_dir / "checkpoints" / f"step_{stops[0][1]:08d}.pt.manifest.json").exists()
