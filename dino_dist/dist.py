@@ -23,14 +23,25 @@ class DistEnv:
     local_rank: int
     device: torch.device
 
+    # Who does what, for the whole code base:
+    #   once per job (is_main, global rank 0): log.txt, console, metrics.jsonl, TensorBoard,
+    #     config.yaml, checkpoints (write, prune, clean-up of interrupted writes), the k-NN
+    #     report, the SLURM requeue;
+    #   once per node (is_local_main, local rank 0): node-local files every rank of the node
+    #     reads: the demo images and other dataset caches (each node has its own disk);
+    #   every rank: its data shard, forward/backward, its part of each reduction, reading
+    #     checkpoints.
+    # A node's local rank 0 is not the job's rank 0 on any node but the first: writing job
+    # files under is_local_main would make every node write them.
+
     @property
     def is_main(self) -> bool:
-        """Global rank 0: writes logs, metrics, TensorBoard and checkpoints for the job."""
+        """Global rank 0: the once-per-job work listed above."""
         return self.rank == 0
 
     @property
     def is_local_main(self) -> bool:
-        """First process on its node: does node-local work such as demo-data generation."""
+        """First process on its node: the once-per-node work listed above."""
         return self.local_rank == 0
 
     @property
