@@ -64,6 +64,9 @@ class DinoEngine:
         self.bad_streak = 0  # consecutive skipped steps, checked against max_nonfinite_steps
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_images = 0  # unreadable images replaced by the data pipeline, all ranks
+        # A diagnostics.StepStatistics on logging steps (set by the loop), None otherwise:
+        # ordinary steps compute no statistics and send nothing extra.
+        self.stats = None
         self._reset_pending()
 
     def _reset_pending(self) -> None:
@@ -100,6 +103,8 @@ class DinoEngine:
                                               (~torch.isfinite(loss.detach())).float()))
         self.pending_count += teacher_out.shape[0]
         self.pending_skipped_images += skipped_images
+        if self.stats is not None:
+            self.stats.add_teacher(teacher_out, self.loss_fn.center, teacher_temp)
 
     def finish_step(self, step: int, epoch: int, stop_requested: bool = False) -> StepResult:
         """Reduce the step's statistics across ranks, move the center, update student and teacher.
@@ -110,8 +115,12 @@ class DinoEngine:
         host_values = torch.tensor([self.pending_count, self.pending_skipped_images,
                                     float(stop_requested)],
                                    dtype=torch.float32, device=self.env.device)
-        reduced = all_reduce_sum_(torch.cat((self.pending_teacher_sum, self.pending_loss,
-                                             host_values)))
+        parts = (self.pending_teacher_sum, self.pending_loss, host_values)
+        if self.stats is not None:  # the statistics join the step's one reduction
+            parts = (self.stats.reduction_part(), *parts)
+        reduced = all_reduce_sum_(torch.cat(parts))
+        if self.stats is not None:
+            reduced = self.stats.take_reduced(reduced)
         teacher_sum = reduced[:-5]
         loss_sum, non_finite, count, skipped_images, stop_votes = reduced[-5:].tolist()
         self.skipped_images += int(skipped_images)
@@ -174,6 +183,8 @@ class DinoEngine:
         if not grads:
             return torch.zeros((), device=self.env.device)
         norms = torch._foreach_norm(grads)
+        if self.stats is not None:
+            self.stats.add_grad_norms(self.trainable, norms)
         total_norm = torch.linalg.vector_norm(torch.stack(norms))
         if self.clip_grad <= 0:
             return total_norm

@@ -17,6 +17,7 @@ from dino_dist.dist import DistEnv
 from dino_dist.engine import DinoEngine, StepResult
 from dino_dist.stop import STOP_REQUEST
 from dino_dist.metrics import MetricsWriter, ThroughputMeter, console_line, peak_memory_mb
+from dino_dist.step_report import StepReporter
 
 LOG = logging.getLogger("dino_dist")
 
@@ -64,6 +65,10 @@ def training_done(cfg: Config, pos: Position) -> bool:
     return pos.epoch >= cfg.train.epochs or bool(cfg.train.max_steps and pos.step >= cfg.train.max_steps)
 
 
+def is_logging_step(cfg: Config, step: int, last_step: int) -> bool:
+    return step % cfg.log.every_steps == 0 or step == last_step
+
+
 def planned_steps(cfg: Config, schedules, pos: Position) -> int:
     """The step number training will end at, from where it stands now (for progress and ETA)."""
     end = pos.step + max(schedules.total_steps - pos.schedule_step, 0)
@@ -76,6 +81,7 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
     batch, accum = cfg.optim.batch_size_per_gpu, cfg.optim.accum_steps
     last_step = planned_steps(cfg, engine.schedules, start)
     pos, meter, run_start = start, ThroughputMeter(), time.perf_counter()
+    reporter = StepReporter(cfg, engine, sampler.dataset_len)
     while not training_done(cfg, pos):
         sampler.set_epoch(pos.epoch, consumed=min(pos.epoch_samples, sampler.dataset_len))
         micro_left = len(sampler) // batch
@@ -83,6 +89,7 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
         while micro_left > 0 and not training_done(cfg, pos):
             group = min(accum, micro_left)
             micro_left -= group
+            engine.stats = reporter.statistics_for(is_logging_step(cfg, pos.step + 1, last_step))
             for j in range(group):
                 wait_start = time.perf_counter()
                 crops, _labels, skipped = next(batches)
@@ -92,8 +99,9 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
             result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
             pos = pos.after_step(result.images)
             meter.add_images(result.images)
-            if pos.step % cfg.log.every_steps == 0 or pos.step == last_step or result.stop:
-                _log_step(engine, metrics, meter, result, pos, last_step, start.step, run_start)
+            if is_logging_step(cfg, pos.step, last_step) or result.stop:
+                _log_step(engine, metrics, meter, result, pos, last_step, start.step, run_start,
+                          reporter)
             if result.stop:
                 save(pos)
                 return LoopEnd(pos, STOP_REQUEST.reason or "another rank was asked to stop")
@@ -108,14 +116,18 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
 
 def _log_step(engine: DinoEngine, metrics: MetricsWriter, meter: ThroughputMeter,
               result: StepResult, pos: Position, last_step: int, first_step: int,
-              run_start: float) -> None:
+              run_start: float, reporter: StepReporter) -> None:
     images_per_s, wait_share = meter.read()
     meter.reset()
     values = {"epoch": pos.epoch, "epoch_samples": pos.epoch_samples, "loss": result.loss, **engine.schedules.at(pos.schedule_step - 1),
               "grad_norm": float(result.grad_norm), "images_per_s": images_per_s,
               "data_wait_share": wait_share, "peak_memory_mb": peak_memory_mb(engine.env.device),
-              "skipped_images": engine.skipped_images, "skipped_steps": engine.skipped_steps}
+              "skipped_images": engine.skipped_images, "skipped_steps": engine.skipped_steps,
+              **reporter.values(result.loss)}
     elapsed = time.perf_counter() - run_start
     eta = elapsed / max(pos.step - first_step, 1) * (last_step - pos.step)
     LOG.info(console_line(pos.step, last_step, values, eta))
+    warnings = reporter.warnings(pos.step, values)
+    if warnings:
+        values["warnings"] = [w.code for w in warnings]
     metrics.write(pos.step, values)

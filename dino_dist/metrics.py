@@ -69,6 +69,8 @@ class MetricsWriter:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(f"train/{name}", value, step)
+            if values.get("warnings"):
+                self.tb.add_text("warnings", ", ".join(values["warnings"]), step)
             self.tb.flush()
 
     def close(self) -> None:
@@ -102,5 +104,14 @@ def console_line(step: int, total: int, values: dict, eta_s: float) -> str:
     return (f"step {step}/{total} ep {values['epoch']} loss {values['loss']:.4f} "
             f"lr {values['lr']:.2e} wd {values['wd']:.3f} mom {values['teacher_momentum']:.4f} "
             f"T_t {values['teacher_temp']:.3f} gnorm {values['grad_norm']:.3f} "
+            f"{_health_part(values)}"
             f"{values['images_per_s']:.1f} img/s data {100 * values['data_wait_share']:.0f}% "
             f"mem {values['peak_memory_mb']:.0f}MB eta {format_eta(eta_s)}")
+
+
+def _health_part(values: dict) -> str:
+    """Collapse figures at a glance: entropy as a share of ln(out_dim), KL, prototypes in use."""
+    if "entropy_ratio" not in values:
+        return ""
+    return (f"H/lnK {values['entropy_ratio']:.2f} KL {values['kl']:.3f} "
+            f"proto {values['prototypes_used']} ")

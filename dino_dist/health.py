@@ -1,0 +1,125 @@
+"""Warnings that name what is going wrong in a run, its likely cause and the usual fix.
+
+DINO's common failures are silent: the loss sits at ln(out_dim) (uniform collapse), the
+teacher turns one-hot on a handful of prototypes (dimensional collapse), fp16 overflows
+until every step is skipped, a small batch with the default teacher momentum never learns.
+Each rule here looks at the figures of the logging steps (diagnostics.StepStatistics plus the
+usual metrics) and speaks once a condition has held for `window` logging steps in a row.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+UNIFORM_ENTROPY_RATIO = 0.95  # teacher entropy / ln(out_dim) at or above: near-uniform outputs
+UNIFORM_LOSS_RATIO = 0.95  # loss / ln(out_dim) at or above: the loss sits at ln(out_dim)
+ONE_HOT_ENTROPY_RATIO = 0.1  # teacher entropy / ln(out_dim) below: near one-hot outputs
+FEW_PROTOTYPES_SHARE = 0.05  # prototypes used / min(teacher rows, out_dim) below: few in use
+GRAD_EXPLOSION_FACTOR = 10.0  # gradient norm above this many times its recent median
+GRAD_HISTORY = 20  # logging steps in that median
+FP16_SKIP_SHARE = 0.1  # skipped share of the steps since the last logging step
+FP16_CALIBRATION_STEPS = 100  # the GradScaler's first skips find its scale: not a problem
+REPEAT_EVERY = 10  # a warning that keeps holding is repeated every this many logging steps
+# The reference recipe's teacher (momentum 0.996 at total batch 1024) averages the student over
+# 1024 / 0.004 = 256k images; DINO advises a higher momentum for smaller batches (0.9995 at
+# 256). Small data sets get a fifth of the data set instead.
+REFERENCE_TEACHER_IMAGES = 1024 / (1 - 0.996)
+MIN_TEACHER_DATASET_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class HealthWarning:
+    code: str  # short name, written to metrics.jsonl
+    message: str  # one line: what, the likely cause, the usual fix
+
+
+def small_batch_warning(total_batch: int, momentum: float, dataset_size: int) -> HealthWarning | None:
+    """The teacher averages about total_batch / (1 - momentum) images; too few make it follow
+    the noisy small-batch student and the run does not learn."""
+    wanted = min(REFERENCE_TEACHER_IMAGES, MIN_TEACHER_DATASET_SHARE * dataset_size)
+    averaged = total_batch / max(1 - momentum, 1e-12)
+    if averaged >= wanted:
+        return None
+    suggested = 1 - total_batch / wanted
+    return HealthWarning(
+        "small_batch",
+        f"total batch {total_batch} is too small for teacher momentum {momentum:g}: the teacher "
+        f"averages only ~{averaged:.0f} images (the reference recipe ~{wanted:.0f}). Raise "
+        f"optim.teacher_momentum to >= {suggested:.5f}, or grow the batch (more GPUs or "
+        f"optim.accum_steps)")
+
+
+class HealthMonitor:
+    """Rules over consecutive logging steps; `check` returns the warnings due at this step."""
+
+    def __init__(self, out_dim: int, window: int, precision: str):
+        self.log_k = math.log(out_dim)
+        self.window, self.precision = window, precision
+        self.streaks = {"uniform_collapse": 0, "dimensional_collapse": 0}
+        self.grad_norms: deque[float] = deque(maxlen=GRAD_HISTORY)
+        self.last_step, self.last_skipped = 0, None
+
+    def check(self, step: int, values: dict) -> list[HealthWarning]:
+        found = [w for w in (self._collapse(values), self._gradients(values),
+                             self._fp16_skips(step, values)) if w is not None]
+        self.last_step, self.last_skipped = step, values.get("skipped_steps")
+        return found
+
+    def _due(self, code: str, holds: bool) -> bool:
+        self.streaks[code] = self.streaks[code] + 1 if holds else 0
+        streak = self.streaks[code]
+        return streak >= self.window and (streak - self.window) % REPEAT_EVERY == 0
+
+    def _collapse(self, values: dict) -> HealthWarning | None:
+        if "entropy_ratio" not in values:
+            return None
+        entropy, loss = values["entropy_ratio"], values["loss_ratio"]
+        uniform = entropy >= UNIFORM_ENTROPY_RATIO and loss >= UNIFORM_LOSS_RATIO
+        one_hot = entropy < ONE_HOT_ENTROPY_RATIO and values["prototype_share"] < FEW_PROTOTYPES_SHARE
+        if self._due("uniform_collapse", uniform):
+            return HealthWarning(
+                "uniform_collapse",
+                f"uniform collapse: for {self.streaks['uniform_collapse']} logging steps the "
+                f"loss ({values['loss']:.3f}) has sat at ln(out_dim) = {self.log_k:.3f} and the "
+                f"teacher entropy at {100 * entropy:.0f}% of its maximum, so the teacher's "
+                f"outputs are uniform. Lower loss.teacher_temp (0.04-0.07) and "
+                f"loss.warmup_teacher_temp, and check the centering (loss.center_momentum 0.9)")
+        if self._due("dimensional_collapse", one_hot):
+            return HealthWarning(
+                "dimensional_collapse",
+                f"dimensional collapse: for {self.streaks['dimensional_collapse']} logging steps "
+                f"the teacher entropy has been {100 * entropy:.1f}% of its maximum with only "
+                f"{values['prototypes_used']} prototypes in use, so every image maps to the same "
+                f"few outputs. Centering is too weak or sharpening too strong: keep "
+                f"loss.center_momentum below 1 (the paper's 0.9 centers well) and raise "
+                f"loss.teacher_temp")
+        return None
+
+    def _gradients(self, values: dict) -> HealthWarning | None:
+        norm = values.get("grad_norm", float("nan"))
+        if not math.isfinite(norm):
+            return None  # a skipped step: counted and handled by the engine
+        recent = statistics.median(self.grad_norms) if len(self.grad_norms) >= 3 else None
+        self.grad_norms.append(norm)
+        if recent is None or norm <= GRAD_EXPLOSION_FACTOR * max(recent, 1e-12):
+            return None
+        return HealthWarning(
+            "grad_explosion",
+            f"gradient norm {norm:.3g} is {norm / max(recent, 1e-12):.0f}x its recent median "
+            f"({recent:.3g}): training is becoming unstable. Lower optim.lr, keep gradient "
+            f"clipping on (optim.clip_grad=3.0), or lengthen optim.warmup_epochs")
+
+    def _fp16_skips(self, step: int, values: dict) -> HealthWarning | None:
+        skipped = values.get("skipped_steps")
+        if self.precision != "fp16" or skipped is None or self.last_skipped is None:
+            return None
+        new_skips, steps = skipped - self.last_skipped, max(step - self.last_step, 1)
+        if step <= FP16_CALIBRATION_STEPS or new_skips < max(2, FP16_SKIP_SHARE * steps):
+            return None
+        return HealthWarning(
+            "fp16_skips",
+            f"{new_skips} of the last {steps} steps were skipped by the fp16 GradScaler "
+            f"(inf/NaN gradients; scale now {values.get('grad_scale', float('nan')):g}): fp16 "
+            f"overflows in this run. Switch to train.precision=bf16 (or fp32), or lower optim.lr")

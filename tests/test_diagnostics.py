@@ -1,0 +1,132 @@
+"""Collapse and stability statistics against hand-computed values, and the engine wiring."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dino_dist.diagnostics import (StepStatistics, parameter_groups, prototype_counts,
+                                   state_values, teacher_entropy_sum)
+from dino_dist.loss import DINOLoss
+from dino_dist.monitor import memory_values
+from tests.test_engine import make_engine, random_crops, tiny_cfg
+
+NEG = -1e4  # a logit whose probability is 0 to float precision
+
+
+def test_teacher_entropy_of_known_distributions():
+    # Row 0: uniform over 4 -> ln 4. Row 1: (1/2, 1/4, 1/4, 0) -> 1.5 ln 2. T = 1, no center.
+    teacher = torch.tensor([[0.0, 0.0, 0.0, 0.0],
+                            [math.log(0.5), math.log(0.25), math.log(0.25), NEG]])
+    total = teacher_entropy_sum(teacher, torch.zeros(1, 4), teacher_temp=1.0)
+    assert float(total) == pytest.approx(math.log(4) + 1.5 * math.log(2), rel=1e-6)
+
+
+def test_entropy_uses_center_and_temperature():
+    # Centering removes the offset of column 0; T = 0.5 doubles the remaining logit gap.
+    teacher = torch.tensor([[5.0 + math.log(2) / 2, 0.0]])
+    center = torch.tensor([[5.0, 0.0]])
+    p = 2 / 3  # softmax([ln 2, 0]) = (2/3, 1/3)
+    expected = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert float(teacher_entropy_sum(teacher, center, 0.5)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_prototype_counts_after_centering():
+    teacher = torch.tensor([[3.0, 0.0, 1.0], [3.0, 2.5, 0.0], [0.0, 0.0, 4.0]])
+    counts = prototype_counts(teacher, torch.tensor([[2.0, 0.0, 0.0]]))
+    assert counts.tolist() == [1.0, 1.0, 1.0]  # without the center: [2, 0, 1]
+    assert prototype_counts(teacher, torch.zeros(1, 3)).tolist() == [2.0, 0.0, 1.0]
+
+
+def test_kl_equals_cross_entropy_minus_teacher_entropy_over_the_loss_pairs():
+    """KL read from the statistics equals the mean over the loss's (teacher i, student v != i)
+    pairs of KL(teacher_i || student_v), computed here term by term."""
+    torch.manual_seed(0)
+    batch, out_dim, n_crops, temp = 3, 5, 4, 0.07
+    student = torch.randn(n_crops * batch, out_dim)
+    teacher = torch.randn(2 * batch, out_dim)
+    loss_fn = DINOLoss(out_dim, n_global_crops=2, student_temp=0.1)
+    loss_fn.center.copy_(torch.randn(1, out_dim) * 0.1)
+    loss = float(loss_fn(student, teacher, temp, n_crops))
+    stats = StepStatistics(out_dim, groups=[], device=torch.device("cpu"))
+    stats.add_teacher(teacher, loss_fn.center, temp)
+    stats.take_reduced(stats.reduction_part().clone())
+    values = stats.read(loss)
+
+    p_t = torch.softmax((teacher - loss_fn.center) / temp, dim=-1).chunk(2)
+    logp_s = torch.log_softmax(student / 0.1, dim=-1).chunk(n_crops)
+    kls = [(p_t[i] * (p_t[i].log() - logp_s[v])).sum(dim=-1).mean()
+           for i in range(2) for v in range(n_crops) if v != i]
+    assert values["kl"] == pytest.approx(float(torch.stack(kls).mean()), rel=1e-5)
+    entropy = float(-(torch.cat(p_t) * torch.cat(p_t).log()).sum(dim=-1).mean())
+    assert values["teacher_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert values["entropy_ratio"] == pytest.approx(entropy / math.log(out_dim), rel=1e-5)
+    assert values["loss_ratio"] == pytest.approx(loss / math.log(out_dim))
+    winners = (teacher - loss_fn.center).argmax(dim=-1).unique().numel()
+    assert values["prototypes_used"] == winners
+    assert values["prototype_share"] == pytest.approx(winners / out_dim)
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(2, 2, bias=False)
+        self.head = nn.Sequential(nn.Linear(2, 1, bias=False))
+        self.head.last_layer = nn.Linear(1, 1, bias=False)
+
+
+def test_gradient_norms_per_group():
+    model = _Tiny()
+    params = list(model.parameters())
+    groups = parameter_groups(model, params, list(model.head.last_layer.parameters()))
+    assert groups == [0, 1, 2]
+    model.backbone.weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])  # norm 5
+    model.head.last_layer.weight.grad = torch.tensor([[-2.0]])  # the head's Linear has none
+    stats = StepStatistics(4, groups, torch.device("cpu"))
+    grads = [p.grad for p in params if p.grad is not None]
+    stats.add_grad_norms(params, torch._foreach_norm(grads))
+    stats.take_reduced(stats.reduction_part().clone())
+    values = stats.read(loss=1.0)
+    assert values["grad_norm_backbone"] == pytest.approx(5.0)
+    assert values["grad_norm_head"] == 0.0
+    assert values["grad_norm_last_layer"] == pytest.approx(2.0)
+
+
+def test_state_values_report_center_norm_and_fp16_scale():
+    center = torch.tensor([[3.0, 4.0]])
+    assert state_values(center, torch.amp.GradScaler("cpu", enabled=False)) == {"center_norm": 5.0}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    assert state_values(center, scaler)["grad_scale"] == 1024.0
+
+
+def test_memory_values_on_cpu():
+    values = memory_values(torch.device("cpu"))
+    assert set(values) == {"host_rss_mb", "host_peak_rss_mb"}
+    assert 10 < values["host_rss_mb"] <= values["host_peak_rss_mb"] + 1
+
+
+def test_engine_fills_statistics_only_when_given_and_trains_the_same(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    plain, watched = make_engine(cfg), make_engine(cfg)
+    stats = StepStatistics(cfg.model.out_dim,
+                           parameter_groups(watched.student_module, watched.trainable,
+                                            watched.last_layer_params), torch.device("cpu"))
+    crops = random_crops(4, 0)
+    with torch.no_grad():
+        teacher_out = watched.teacher(crops[:2])
+    for engine, statistics in ((plain, None), (watched, stats)):
+        engine.stats = statistics
+        engine.micro_step(crops, 0, 1.0, sync_grads=True)
+        result = engine.finish_step(0, epoch=1)
+    for a, b in zip(plain.student_module.parameters(), watched.student_module.parameters()):
+        assert torch.equal(a, b)  # the statistics change nothing in training
+    assert torch.equal(plain.loss_fn.center, watched.loss_fn.center)
+    values = stats.read(result.loss)
+    expected = float(teacher_entropy_sum(teacher_out, torch.zeros(1, cfg.model.out_dim),
+                                         float(watched.schedules.teacher_temp[0]))) / 8
+    assert values["teacher_entropy"] == pytest.approx(expected, rel=1e-5)
+    total = math.sqrt(sum(values[f"grad_norm_{g}"] ** 2
+                          for g in ("backbone", "head", "last_layer")))
+    assert total == pytest.approx(float(result.grad_norm), rel=1e-5)

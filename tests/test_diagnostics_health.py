@@ -1,0 +1,101 @@
+"""Health warnings: each rule on crafted figures, and a real collapsing run against a healthy one."""
+from __future__ import annotations
+
+import json
+import math
+
+from dino_dist.health import HealthMonitor, small_batch_warning
+from tests.conftest import run_train, tiny_overrides, write_image_folder
+
+LOG_K = math.log(256)
+
+
+def figures(entropy_ratio=0.5, loss=3.0, used=40, share=0.3, grad_norm=1.0, skipped=0):
+    return {"entropy_ratio": entropy_ratio, "loss": loss, "loss_ratio": loss / LOG_K,
+            "prototypes_used": used, "prototype_share": share, "grad_norm": grad_norm,
+            "skipped_steps": skipped, "grad_scale": 128.0}
+
+
+def codes(monitor, step, values):
+    return [w.code for w in monitor.check(step, values)]
+
+
+def test_uniform_collapse_after_window_logging_steps():
+    monitor = HealthMonitor(256, window=3, precision="fp32")
+    pinned = figures(entropy_ratio=0.99, loss=LOG_K * 1.001)
+    assert codes(monitor, 10, pinned) == [] and codes(monitor, 20, pinned) == []
+    found = monitor.check(30, pinned)
+    assert [w.code for w in found] == ["uniform_collapse"]
+    assert "loss.teacher_temp" in found[0].message and "center" in found[0].message
+    assert codes(monitor, 40, pinned) == []  # not repeated on every line
+    assert codes(monitor, 50, figures()) == []  # a healthy step resets the count
+
+
+def test_a_high_entropy_alone_is_not_collapse():
+    monitor = HealthMonitor(256, window=1, precision="fp32")
+    assert codes(monitor, 10, figures(entropy_ratio=0.97, loss=2.0)) == []
+
+
+def test_dimensional_collapse_needs_low_entropy_and_few_prototypes():
+    monitor = HealthMonitor(256, window=2, precision="fp32")
+    sharp_but_diverse = figures(entropy_ratio=0.02, used=50, share=0.4)
+    assert codes(monitor, 10, sharp_but_diverse) == codes(monitor, 20, sharp_but_diverse) == []
+    one_hot = figures(entropy_ratio=0.02, used=1, share=1 / 128)
+    assert codes(monitor, 30, one_hot) == []
+    found = monitor.check(40, one_hot)
+    assert [w.code for w in found] == ["dimensional_collapse"]
+    assert "1 prototypes" in found[0].message and "loss.center_momentum" in found[0].message
+
+
+def test_gradient_explosion_against_the_recent_median():
+    monitor = HealthMonitor(256, window=3, precision="fp32")
+    for step, norm in enumerate((2.0, 3.0, 2.5, 4.0), start=1):
+        assert codes(monitor, step, figures(grad_norm=norm)) == []
+    assert codes(monitor, 5, figures(grad_norm=float("nan"))) == []  # skipped steps are not it
+    assert codes(monitor, 6, figures(grad_norm=27.0)) == []  # below 10x the median 2.75
+    found = monitor.check(7, figures(grad_norm=400.0))
+    assert [w.code for w in found] == ["grad_explosion"] and "optim.lr" in found[0].message
+
+
+def test_repeated_fp16_skips_suggest_bf16():
+    monitor = HealthMonitor(256, window=3, precision="fp16")
+    assert codes(monitor, 20, figures(skipped=6)) == []  # the scaler calibrating: expected
+    assert codes(monitor, 120, figures(skipped=8)) == []  # 2 of 100 steps
+    found = monitor.check(140, figures(skipped=13))  # 5 of 20 steps
+    assert [w.code for w in found] == ["fp16_skips"]
+    assert "train.precision=bf16" in found[0].message
+    bf16 = HealthMonitor(256, window=3, precision="bf16")
+    bf16.check(120, figures(skipped=0))
+    assert codes(bf16, 140, figures(skipped=10)) == []
+
+
+def test_small_batch_for_teacher_momentum():
+    # ImageNet-sized data: batch 64 with the default 0.996 averages 16k images, not 256k.
+    warning = small_batch_warning(64, 0.996, dataset_size=1_281_167)
+    assert warning is not None and "optim.teacher_momentum to >= 0.99975" in warning.message
+    assert small_batch_warning(1024, 0.996, 1_281_167) is None  # the reference recipe
+    assert small_batch_warning(256, 0.9995, 1_281_167) is None  # DINO's advice for 256
+    assert small_batch_warning(64, 0.98, dataset_size=3200) is None  # the demo
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_collapsing_run_warns_within_a_few_logging_steps_and_a_healthy_one_never(tmp_path):
+    data = write_image_folder(tmp_path / "images")
+    # A teacher temperature of 1 instead of 0.04: the teacher's outputs are flat from step 1.
+    hot = tmp_path / "hot"
+    result = run_train(tiny_overrides(data, hot, **{
+        "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0, "train.max_steps": 4}))
+    assert "uniform collapse" in result.stdout
+    warned = [r["step"] for r in read_metrics(hot) if "uniform_collapse" in r.get("warnings", [])]
+    assert warned == [3]  # the third logging step (log.collapse_window=3)
+    assert "loss.teacher_temp" in (hot / "log.txt").read_text()
+
+    healthy = tmp_path / "healthy"
+    result = run_train(tiny_overrides(data, healthy))
+    assert "collapse" not in result.stdout
+    records = read_metrics(healthy)
+    assert len(records) == 8 and not any("warnings" in r for r in records)
+    assert all(0.05 < r["entropy_ratio"] < 0.9 and r["prototypes_used"] > 2 for r in records)
