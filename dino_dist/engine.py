@@ -27,6 +27,14 @@ from dino_dist.loss import DINOLoss
 from dino_dist.schedules import Schedules
 
 
+class _IdleClock:
+    """Phase marks cost one no-op call unless a benchmark installs a clock
+    (dino_dist.bench.phases.PhaseClock): training pays nothing for them."""
+
+    def mark(self, phase: str) -> None:
+        pass
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank at once after too many consecutive non-finite steps."""
 
@@ -67,6 +75,7 @@ class DinoEngine:
         # A diagnostics.StepStatistics on logging steps (set by the loop), None otherwise:
         # ordinary steps compute no statistics and send nothing extra.
         self.stats = None
+        self.clock = _IdleClock()  # `mark(phase)` at each phase's end; see dino_dist.bench
         self._reset_pending()
 
     def _reset_pending(self) -> None:
@@ -87,6 +96,7 @@ class DinoEngine:
         """Forward and backward of one micro-batch; `loss_weight` is 1/len(group)."""
         device = self.env.device
         crops = [c.to(device, non_blocking=True) for c in crops]
+        self.clock.mark("data")
         teacher_temp = float(self.schedules.teacher_temp[min(step, self.schedules.total_steps - 1)])
         no_sync = getattr(self.student, "no_sync", None)
         sync_ctx = contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
@@ -94,13 +104,18 @@ class DinoEngine:
             with self.autocast():
                 with torch.no_grad():
                     teacher_out = self.teacher(crops[: self.n_global_crops])
+                self.clock.mark("teacher_forward")
                 student_out = self.student(crops)
+                self.clock.mark("student_forward")
                 loss = self.loss_fn(student_out, teacher_out, teacher_temp, len(crops))
+                self.clock.mark("loss")
             self.scaler.scale(loss * loss_weight).backward()
+            self.clock.mark("backward")
         with torch.no_grad():
             self.pending_teacher_sum += teacher_out.float().sum(dim=0)
             self.pending_loss += torch.stack((loss.detach() * loss_weight,
                                               (~torch.isfinite(loss.detach())).float()))
+        self.clock.mark("loss")
         self.pending_count += teacher_out.shape[0]
         self.pending_skipped_images += skipped_images
         if self.stats is not None:
@@ -123,6 +138,7 @@ class DinoEngine:
             reduced = self.stats.take_reduced(reduced)
         teacher_sum = reduced[:-5]
         loss_sum, non_finite, count, skipped_images, stop_votes = reduced[-5:].tolist()
+        self.clock.mark("communication")
         self.skipped_images += int(skipped_images)
         self._reset_pending()
         step = min(step, self.schedules.total_steps - 1)  # a resharded resume may round past the end
@@ -134,12 +150,17 @@ class DinoEngine:
             # Gradients are identical on all ranks after DDP's all-reduce, so every rank
             # reaches the same verdict here without another collective.
             applied = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+            self.clock.mark("clip")
         if applied:
             self.loss_fn.update_center(teacher_sum, count)
+            self.clock.mark("loss")
             self._apply_schedule(step)
             applied = self._optimizer_step()
+            self.clock.mark("optimizer")
             self._update_teacher(float(self.schedules.momentum[step]))
+            self.clock.mark("ema")
         self.optimizer.zero_grad(set_to_none=True)
+        self.clock.mark("optimizer")
         self._count_bad_step(not applied, step, epoch, non_finite > 0)
         return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
                           skipped=not applied, images=images, stop=stop_votes > 0)
@@ -199,5 +220,6 @@ class DinoEngine:
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
-        torch._foreach_mul_(self.ema_teacher, momentum)
-        torch._foreach_add_(self.ema_teacher, self.ema_student, alpha=1.0 - momentum)
+        # One fused pass (t += (1 - m)(s - t)) instead of a multiply and an add: half the
+        # memory traffic of the EMA, which is all its cost.
+        torch._foreach_lerp_(self.ema_teacher, self.ema_student, 1.0 - momentum)

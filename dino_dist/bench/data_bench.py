@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop, pil_loader
+from dino_dist.config import ConfigError
 from dino_dist.data.augment import MultiCropAugmentation
 from dino_dist.data.folder import MultiCropDataset, find_images
 
@@ -28,10 +29,13 @@ def project_sampler(data_cfg: Any, root: Path) -> Callable[[int], list]:
     return lambda index: dataset[(0, index % len(dataset))][0]
 
 
-def reference_sampler(data_cfg: Any, root: Path) -> Callable[[int], list]:
+def check_reference_settings(data_cfg: Any) -> None:
     if data_cfg.global_crops_number != 2:
-        raise ValueError("the reference pipeline has exactly 2 global crops: "
-                         "set data.global_crops_number=2 for --data-only")
+        raise ConfigError("the reference pipeline has exactly 2 global crops: "
+                          "set data.global_crops_number=2 for --data-only")
+
+
+def reference_sampler(data_cfg: Any, root: Path) -> Callable[[int], list]:
     files = find_images(root)[0]
     reference = ReferenceMultiCrop(
         data_cfg.global_crops_scale, data_cfg.local_crops_scale, data_cfg.local_crops_number,
@@ -48,6 +52,7 @@ def _time_images(sample: Callable[[int], list], start: int, count: int) -> float
 
 def run_data_benchmark(data_cfg: Any, root: Path, images_per_round: int = 16,
                        rounds: int = 3) -> dict:
+    check_reference_settings(data_cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs its transforms on one thread
     try:

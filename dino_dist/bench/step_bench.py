@@ -1,0 +1,179 @@
+"""The real training step, timed: images/s, phase shares, memory, and efficiency vs the floor.
+
+The run is built by `build_training`, exactly as `dino-train` builds it, and stepped through
+`DinoEngine.micro_step`/`finish_step`. Step and model floor alternate in rounds after a
+warm-up, so compile time and first-step allocations are left out, and a machine that is busy
+with something else slows both alike: the efficiency ratio is measured within one run.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from dino_dist.bench.floor import ModelFloor
+from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
+from dino_dist.bench.phases import PhaseClock
+from dino_dist.config import Config
+from dino_dist.dist import DistEnv
+from dino_dist.metrics import peak_memory_mb
+
+
+@dataclass
+class BenchSettings:
+    steps: int = 20  # timed optimizer steps (and as many floor iterations)
+    warmup: int = 3  # untimed steps first: compilation, allocator, first-call costs
+    rounds: int = 4  # step and floor alternate this many times
+    phase_steps: int = 5  # steps of the separate, synchronised per-phase pass
+    synthetic: bool = True  # in-memory crops (compute only) or the configured image folder
+    compile: bool = False
+
+
+def synthetic_crops(cfg: Config, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    """One batch of random crops per crop position, already on the device."""
+    d, batch = cfg.data, cfg.optim.batch_size_per_gpu
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sizes = [d.global_crop_size] * d.global_crops_number + [d.local_crop_size] * d.local_crops_number
+    return [torch.randn(batch, 3, size, size, generator=generator).to(device) for size in sizes]
+
+
+def folder_batches(loader, sampler) -> Iterator[tuple[list[torch.Tensor], int]]:
+    """The real loader, epoch after epoch: (crops, skipped images)."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        for crops, _labels, skipped in loader:
+            yield crops, skipped
+        epoch += 1
+
+
+class StepRunner:
+    """One optimizer step of the engine per call: accum_steps micro-batches, then finish."""
+
+    def __init__(self, engine, batches: Iterator[tuple[list[torch.Tensor], int]],
+                 accum_steps: int, epoch: int):
+        self.engine, self.batches = engine, batches
+        self.accum_steps, self.epoch = accum_steps, epoch
+        self.step = 0
+
+    def __call__(self) -> None:
+        engine = self.engine
+        schedule_step = min(self.step, engine.schedules.total_steps - 1)
+        for micro in range(self.accum_steps):
+            crops, skipped = next(self.batches)
+            engine.clock.mark("data")
+            engine.micro_step(crops, schedule_step, 1.0 / self.accum_steps,
+                              sync_grads=micro == self.accum_steps - 1, skipped_images=skipped)
+        engine.finish_step(schedule_step, self.epoch)
+        self.step += 1
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(run_once: Callable[[], None], calls: int, device: torch.device) -> float:
+    _synchronize(device)
+    began = time.perf_counter()
+    for _ in range(calls):
+        run_once()
+    _synchronize(device)
+    return time.perf_counter() - began
+
+
+def _bench_config(cfg: Config, bench_images: str | None) -> Config:
+    """Synthetic mode still builds the real loader (unused) over a small benchmark folder."""
+    cfg = copy.deepcopy(cfg)
+    if bench_images is not None:
+        cfg.data.path, cfg.data.num_workers = bench_images, 0
+    return cfg
+
+
+def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
+                       bench_images: str | None = None) -> dict:
+    from dino_dist.build import build_training  # heavy imports after argument checks
+
+    cfg = _bench_config(cfg, bench_images if settings.synthetic else None)
+    training = build_training(cfg, env)
+    engine, device = training.engine, env.device
+    floor_crops = synthetic_crops(cfg, device)
+    floor = ModelFloor(training.student, training.teacher, cfg.data.global_crops_number,
+                       engine.autocast_dtype, device)
+    flops_per_floor = count_flops(floor, floor_crops)  # before compiling: eager ops are counted
+    if settings.compile:
+        training.student.compile()
+        training.teacher.compile()
+    if settings.synthetic:
+        batches = iter(lambda: (floor_crops, 0), None)
+    else:
+        batches = folder_batches(training.loader, training.sampler)
+    # Past the frozen-last-layer epochs, so the optimizer updates every parameter.
+    runner = StepRunner(engine, batches, cfg.optim.accum_steps, epoch=cfg.optim.freeze_last_layer)
+    accum = cfg.optim.accum_steps
+    run_floor = lambda: [floor(floor_crops) for _ in range(accum)]  # noqa: E731
+
+    timed(runner, settings.warmup, device)
+    timed(run_floor, settings.warmup, device)
+    per_round = max(1, settings.steps // settings.rounds)
+    round_ratios = []  # floor time / step time per round: robust to a burst of other load
+    step_seconds = floor_seconds = 0.0
+    for _ in range(settings.rounds):
+        step_round = timed(runner, per_round, device)
+        floor_round = timed(run_floor, per_round, device)
+        round_ratios.append(floor_round / step_round)
+        step_seconds, floor_seconds = step_seconds + step_round, floor_seconds + floor_round
+    shares = _phase_shares(engine, runner, settings.phase_steps, device)
+
+    steps = per_round * settings.rounds
+    images_per_step = cfg.optim.batch_size_per_gpu * accum  # per rank
+    images_per_s = images_per_step * steps / step_seconds
+    floor_images_per_s = images_per_step * steps / floor_seconds
+    seconds_per_step = step_seconds / steps
+    flops_per_step = flops_per_floor * accum
+    return {
+        "images_per_s": round(images_per_s * env.world_size, 2),
+        "images_per_s_per_rank": round(images_per_s, 2),
+        "seconds_per_step": round(seconds_per_step, 5),
+        "floor_images_per_s": round(floor_images_per_s, 2),
+        "efficiency": round(images_per_s / floor_images_per_s, 4),
+        "efficiency_median_round": round(statistics.median(round_ratios), 4),
+        "phase_share": shares,
+        "peak_host_rss_mb": round(_host_peak_rss_mb(), 1),
+        "peak_device_memory_mb": round(peak_memory_mb(device), 1) if device.type == "cuda" else None,
+        "model_gflop_per_step": round(flops_per_step / 1e9, 3),
+        "mfu": _rounded(mfu(flops_per_step, seconds_per_step, device_peak_flops(device, cfg.train.precision))),
+        "floor_mfu": _rounded(mfu(flops_per_step, floor_seconds / steps,
+                                  device_peak_flops(device, cfg.train.precision))),
+        "timed_steps": steps,
+        "warmup_steps": settings.warmup,
+        "rounds": settings.rounds,
+    }
+
+
+def _phase_shares(engine, runner: StepRunner, steps: int, device: torch.device) -> dict:
+    if steps <= 0:
+        return {}
+    clock = PhaseClock(device)
+    idle_clock, engine.clock = engine.clock, clock
+    try:
+        clock.restart()
+        for _ in range(steps):
+            runner()
+    finally:
+        engine.clock = idle_clock
+    return clock.shares()
+
+
+def _host_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
