@@ -3,7 +3,7 @@
 # out_dim 65536) in bf16 with synthetic crops: dino-bench eager, the reference-style step
 # against ours in one process, dino-bench with torch.compile, and the data pipeline.
 # Each part prints one JSON line and also writes it to $OUT (or benchmarks/out).
-# Under 8 minutes on an H100 including compilation.
+# Under 8 minutes on an H100 including compilation (each part has its own time limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/out}
@@ -34,8 +34,8 @@ part() {  # part NAME LIMIT_S COMMAND...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
-part bench_eager 120 python -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part reference_step 150 python benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part bench_compile 240 python -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
-part data_only 60 python -m dino_dist.bench.cli --data-only --rounds 2
+python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
+part bench_eager 90 python3 -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
+part reference_step 100 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
+part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 2
+part bench_compile 230 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
