@@ -17,8 +17,17 @@ CPUS=${LOCAL_SLURM_CPUS:-8}
 CONF=/etc/slurm/slurm.conf
 NODE=$(hostname -s)
 
+MARKER="# Written by slurm/local-cluster.sh"
+
 say() { echo "local-cluster: $*" >&2; }
 die() { say "error: $*"; exit 1; }
+
+# Never take over a machine's own SLURM: only a config this script wrote may be replaced.
+check_not_foreign() {
+    if [ -f "$CONF" ] && [ "$(head -c ${#MARKER} "$CONF")" != "$MARKER" ]; then
+        die "$CONF exists and was not written by this script: this machine has its own SLURM; use it, or move the file away"
+    fi
+}
 
 install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
@@ -61,7 +70,7 @@ write_config() {
     [ -n "$memory" ] || die "slurmd -C did not report RealMemory"
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$STATE/log"
     cat >"$CONF.new" <<EOF
-# Written by slurm/local-cluster.sh: one node on loopback, no cgroups, no accounting database.
+$MARKER: one node on loopback, no cgroups, no accounting database.
 ClusterName=local
 SlurmctldHost=$NODE
 SlurmUser=root
@@ -146,6 +155,7 @@ stop_munge() {
 
 case "${1:-}" in
     start)
+        check_not_foreign
         if node_ready 2>/dev/null; then say "already running (node $NODE)"; exit 0; fi
         install_packages
         check_hostname
@@ -156,6 +166,7 @@ case "${1:-}" in
         say "running: node $NODE, partition local, $CPUS CPUs; logs in $STATE/log"
         ;;
     stop)
+        check_not_foreign
         stop_daemons
         stop_munge
         ;;

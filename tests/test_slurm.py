@@ -155,14 +155,22 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
     # allocation, which starts ~8 s after a check, skip the check at 22 s and run to ~52 s.
     extra = {"train.epochs": 21, "data.num_workers": 1, "checkpoint.keep_last": 2}
     slurm_dir, plain_dir = tmp_path / "slurm_run", tmp_path / "plain_run"
-    job = submit("--config", "configs/demo.yaml", "--timeout-min", "1", "--signal-delay-s", "5",
-                 "--max-requeues", "12", *tiny_overrides(images, slurm_dir, **extra))
+    waiting = subprocess.Popen(
+        [sys.executable, "launch/submit.py", "--wait", "--config", "configs/demo.yaml",
+         "--timeout-min", "1", "--signal-delay-s", "5", "--max-requeues", "12",
+         *tiny_overrides(images, slurm_dir, **extra)],
+        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = re.search(r"job id: (\d+)", waiting.stdout.readline()).group(1)
     plain = subprocess.Popen([sys.executable, "-m", "dino_dist.train", "--config",
                               "configs/demo.yaml", *tiny_overrides(images, plain_dir, **extra)],
                              cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     assert wait_final(job, 420) == "COMPLETED"
     assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
+    # --wait followed the job through its requeues to the end.
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and "final state: COMPLETED" in out, out + err
+    assert re.search(rf"job {job}: RUNNING\n(.*\n)*job {job}: (REQUEUED|PENDING)", out), out
 
     stops = stops_in_log(slurm_dir)
     assert stops and all(sig == "SIGUSR2" for sig, _ in stops), stops
