@@ -51,6 +51,8 @@ class Position:
 class LoopEnd:
     position: Position
     stop_reason: str | None  # None: the configured training is complete
+    early_stop: str | None = None  # why periodic evaluation ended training before its end
+    images: int = 0  # images trained on by this process's loop, all ranks together
 
 
 def micro_batches_per_epoch(samples_per_rank: int, batch_size: int) -> int:
@@ -77,11 +79,15 @@ def planned_steps(cfg: Config, schedules, pos: Position) -> int:
 
 def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
                metrics: MetricsWriter, start: Position,
-               save: Callable[[Position], None]) -> LoopEnd:
+               save: Callable[[Position], None],
+               on_epoch_end: Callable[[Position], str | None] | None = None) -> LoopEnd:
+    """`on_epoch_end` (periodic evaluation) runs before the epoch-end save, so its state is in
+    that checkpoint; a reason it returns ends training there (all ranks get the same one)."""
     batch, accum = cfg.optim.batch_size_per_gpu, cfg.optim.accum_steps
     last_step = planned_steps(cfg, engine.schedules, start)
     pos, meter, run_start = start, ThroughputMeter(), time.perf_counter()
     reporter = StepReporter(cfg, engine, sampler.dataset_len)
+    images = 0
     while not training_done(cfg, pos):
         sampler.set_epoch(pos.epoch, consumed=min(pos.epoch_samples, sampler.dataset_len))
         micro_left = len(sampler) // batch
@@ -99,19 +105,24 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
             result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
             pos = pos.after_step(result.images)
             meter.add_images(result.images)
+            images += result.images
             if is_logging_step(cfg, pos.step, last_step) or result.stop:
                 _log_step(engine, metrics, meter, result, pos, last_step, start.step, run_start,
                           reporter)
             if result.stop:
                 save(pos)
-                return LoopEnd(pos, STOP_REQUEST.reason or "another rank was asked to stop")
+                return LoopEnd(pos, STOP_REQUEST.reason or "another rank was asked to stop",
+                               images=images)
             if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
                     and micro_left > 0:
                 save(pos)
         if micro_left == 0:
             pos = pos.next_epoch(engine.schedules.steps_per_epoch)
+            early_stop = on_epoch_end(pos) if on_epoch_end else None
             save(pos)
-    return LoopEnd(pos, None)
+            if early_stop:
+                return LoopEnd(pos, None, early_stop, images)
+    return LoopEnd(pos, None, images=images)
 
 
 def _log_step(engine: DinoEngine, metrics: MetricsWriter, meter: ThroughputMeter,

@@ -52,6 +52,7 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled
         self.jsonl_path = output_dir / "metrics.jsonl"
+        self.latest: dict = {}  # the newest value of every column written (for the summary)
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -61,6 +62,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": step, **values}
+        self.latest.update(record)
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import logging
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from dino_dist.checkpoint_writer import CheckpointWriter
+from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
 from dino_dist.checkpoint import (CheckpointError, check_compatible, list_checkpoints,
                                   load_checkpoint, load_newest_valid, remove_unfinished_writes,
                                   restore_training_state, save_checkpoint, training_state)
@@ -26,6 +29,8 @@ from dino_dist.final_eval import report_knn_at_end
 from dino_dist.loop import LoopEnd, Position, train_loop
 from dino_dist.schedules import total_batch_size
 from dino_dist.metrics import MetricsWriter, setup_logging
+from dino_dist.periodic_eval import PeriodicEvaluation
+from dino_dist.summary import build_summary, write_summary
 from dino_dist.preemption import (after_stop, ignore_stop_signals, install_stop_handlers,
                                   under_slurm)
 
@@ -107,34 +112,70 @@ def run(cfg: Config, env: DistEnv) -> LoopEnd:
         ensure_demo_dataset(cfg.data.demo_dir or None)  # node-local work: once per node
     barrier()
     LOG.info("rank %d of %d on %s; output in %s", env.rank, env.world_size, env.device, output_dir)
+    run_start = time.perf_counter()
     training = build_training(cfg, env)
     engine = training.engine
-    start = resume_if_possible(cfg, engine, output_dir / "checkpoints", env)
+    evaluation = PeriodicEvaluation(cfg, env, engine, training.teacher)
+    start = resume_if_possible(cfg, engine, output_dir / "checkpoints", env, evaluation)
     set_collective_timeout(cfg.train.dist_timeout_s)  # start-up is over: detect dead ranks fast
     metrics = MetricsWriter(output_dir, env.is_main, cfg.log.tensorboard)
     saved_at = {start.step}
+    sharded = cfg.train.parallel == "fsdp"
+    writer = CheckpointWriter(output_dir / "checkpoints", env.is_main, cfg.checkpoint.keep_last,
+                              cfg.checkpoint.keep_every_epochs, sharded,
+                              cfg.checkpoint.async_save)
+    best_writer = CheckpointWriter(output_dir / "checkpoints" / "best", env.is_main, 1,
+                                   sharded=sharded)
 
     def save(pos: Position) -> None:
         state = training_state(engine, cfg.to_dict(), dataclasses.asdict(pos))
-        path = save_checkpoint(output_dir / "checkpoints", state, env.is_main,
-                               cfg.checkpoint.keep_last, cfg.checkpoint.keep_every_epochs)
+        state["evaluation"] = evaluation.state_dict()
+        path = writer.save(engine, state)
         saved_at.add(pos.step)
-        LOG.info("saved %s", path)
+        LOG.info("saved %s%s", path, " (writing in the background)" if writer.sharded and
+                 cfg.checkpoint.async_save else "")
+        if evaluation.last_improved_step == pos.step:  # only one best is kept
+            best = best_writer.save(engine, state)
+            LOG.info("saved %s (best %s so far)", best, evaluation.best.metric)
+
+    def on_epoch_end(pos: Position) -> str | None:
+        if not evaluation.due(pos.epoch):
+            return None
+        values, early_stop = evaluation.run(pos.step, pos.epoch, pos.schedule_step)
+        metrics.write(pos.step, values)
+        return early_stop
 
     try:
         LOG.info("training %s for %d steps (%d per epoch), total batch %d", cfg.model.arch,
                  engine.schedules.total_steps, engine.schedules.steps_per_epoch,
                  total_batch_size(cfg, env.world_size))
-        end = train_loop(cfg, env, engine, training.loader, training.sampler, metrics, start, save)
+        loop_start = time.perf_counter()
+        stopped = evaluation.stopped_early()
+        end = LoopEnd(start, None, stopped) if stopped else train_loop(
+            cfg, env, engine, training.loader, training.sampler, metrics, start, save, on_epoch_end)
+        loop_time = time.perf_counter() - loop_start
         if end.position.step not in saved_at:
             save(end.position)
+        writer.wait()  # a background save is committed before the run reports its end
+        if end.early_stop:
+            LOG.info("%s; the checkpoint of step %d is the final one", end.early_stop,
+                     end.position.step)
         if end.stop_reason:
             LOG.info("stopped at step %d (%s); the checkpoint of this step is committed and "
                      "a restart continues from it", end.position.step, end.stop_reason)
         elif cfg.eval.knn_at_end:
             report_knn_at_end(cfg, env, training.teacher, metrics, end.position.step)
+        if env.is_main:
+            final = {k: v for k, v in metrics.latest.items() if k != "warnings"}
+            best = evaluation.state_dict()["best"]
+            path = write_summary(output_dir, build_summary(
+                cfg, end, start.step, time.perf_counter() - run_start, loop_time,
+                env.world_size, best, final))
+            LOG.info("wrote %s (%s)", path, end.early_stop or end.stop_reason or "completed")
     finally:
         metrics.close()
+        if sys.exc_info()[0] is not None:
+            writer.wait()  # even on an error, let a started save finish and commit
     return end
 
 
@@ -159,20 +200,31 @@ def refuse_fresh_start_over_checkpoints(cfg: Config, checkpoint_dir: Path) -> No
             f"choose an empty train.output_dir, or drop checkpoint.resume=false to continue")
 
 
-def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv) -> Position:
+def resume_if_possible(cfg: Config, engine, checkpoint_dir: Path, env: DistEnv,
+                       evaluation: PeriodicEvaluation | None = None) -> Position:
     if cfg.checkpoint.resume_from:
         path = Path(cfg.checkpoint.resume_from)
         state = load_checkpoint(path, map_location=env.device)
     elif cfg.checkpoint.resume:
         if env.is_main:
             remove_unfinished_writes(checkpoint_dir)
+        barrier()
         path, state = load_newest_valid(checkpoint_dir, map_location=env.device)
     else:
         path, state = None, None
     if state is None:
         return Position()
     check_compatible(path, state["config"], cfg.to_dict())
+    if path.is_dir():
+        load_sharded_weights(path, engine)
+    elif cfg.train.parallel == "fsdp" and env.distributed:
+        raise CheckpointError(
+            f"checkpoint '{path}' is a single-file (DDP) checkpoint and this run shards the "
+            f"model (train.parallel=fsdp): resume it with train.parallel=ddp, or start afresh "
+            f"in a new train.output_dir")
     restore_training_state(engine, state)
+    if evaluation is not None:
+        evaluation.load_state_dict(state.get("evaluation"))
     saved = Position(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)),
                      int(state.get("epoch_samples", 0)),
                      int(state.get("schedule_step", state["step"])))

@@ -1,0 +1,48 @@
+"""`training_summary.json`: how a run ended, in one small file a script or a person can read.
+
+Written by rank 0 when `dino-train` returns (completed, stopped early, stopped by a signal or
+failed on non-finite steps), atomically, replacing the previous run's summary of the same
+output directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SUMMARY_NAME = "training_summary.json"
+
+
+def stop_reason(cfg, end) -> str:
+    """completed | max_steps | early stopping: ... | stop request: ..."""
+    if end.stop_reason:
+        return f"stop request: {end.stop_reason}"
+    if end.early_stop:
+        return end.early_stop
+    if end.position.epoch < cfg.train.epochs:
+        return "max_steps"
+    return "completed"
+
+
+def build_summary(cfg, end, start_step: int, wall_time_s: float, loop_time_s: float,
+                  world_size: int, best: dict | None, final_metrics: dict) -> dict:
+    return {
+        "stop_reason": stop_reason(cfg, end),
+        "steps": end.position.step,
+        "epochs": end.position.epoch,
+        "start_step": start_step,
+        "world_size": world_size,
+        "wall_time_s": round(wall_time_s, 3),
+        "images": end.images,
+        "images_per_s": end.images / loop_time_s if loop_time_s > 0 else 0.0,
+        "best": best,
+        "final_metrics": final_metrics,
+    }
+
+
+def write_summary(output_dir: Path, summary: dict) -> Path:
+    path = Path(output_dir) / SUMMARY_NAME
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+    return path
