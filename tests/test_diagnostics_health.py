@@ -92,6 +92,7 @@ def test_collapsing_run_warns_within_a_few_logging_steps_and_a_healthy_one_never
     warned = [r["step"] for r in read_metrics(hot) if "uniform_collapse" in r.get("warnings", [])]
     assert warned == [3]  # the third logging step (log.collapse_window=3)
     assert "loss.teacher_temp" in (hot / "log.txt").read_text()
+    assert json.loads((hot / "training_summary.json").read_text())["stop_reason"] == "max_steps"
 
     healthy = tmp_path / "healthy"
     result = run_train(tiny_overrides(data, healthy))

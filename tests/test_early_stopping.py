@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dino_dist.checkpoint import list_checkpoints, load_checkpoint, read_manifest
 from dino_dist.config import ConfigError, load_config
@@ -70,3 +71,23 @@ def test_early_stopping_on_two_ranks_stops_together_with_a_final_checkpoint(tmp_
     assert "step 7" not in result.stdout
     summary = json.loads((run_dir / "training_summary.json").read_text())
     assert summary["stop_reason"].startswith("early stopping") and summary["steps"] == 6
+
+
+def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
+    data = write_image_folder(tmp_path / "images")
+    evaluated, plain = tmp_path / "evaluated", tmp_path / "plain"
+    # Stochastic depth on: evaluation must not move the RNG streams training draws from.
+    common = {"model.drop_path_rate": 0.1}
+    run_train(tiny_overrides(data, evaluated, **common, **{
+        "eval.every_epochs": 1, "eval.train_path": str(data), "eval.val_path": str(data),
+        "eval.val_loss_path": str(data), "eval.image_size": 16, "eval.batch_size": 16}))
+    run_train(tiny_overrides(data, plain, **common))
+    a = load_checkpoint(list_checkpoints(evaluated / "checkpoints")[0])
+    b = load_checkpoint(list_checkpoints(plain / "checkpoints")[0])
+    assert a["step"] == b["step"] == 8
+    for part in ("student", "teacher", "loss"):
+        for key, tensor in b[part].items():
+            assert torch.equal(a[part][key], tensor), f"{part}.{key}"
+    summary = json.loads((evaluated / "training_summary.json").read_text())
+    assert summary["stop_reason"] == "completed" and summary["best"]["metric"] == "knn_top1"
+    assert summary["final_metrics"]["knn_top1"] >= 0
