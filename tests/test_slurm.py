@@ -157,7 +157,7 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
     slurm_dir, plain_dir = tmp_path / "slurm_run", tmp_path / "plain_run"
     waiting = subprocess.Popen(
         [sys.executable, "launch/submit.py", "--wait", "--config", "configs/demo.yaml",
-         "--timeout-min", "1", "--signal-delay-s", "5", "--max-requeues", "12",
+         "--timeout-min", "1", "--signal-delay-s", "5", "--max-requeues", "30",
          *tiny_overrides(images, slurm_dir, **extra)],
         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = re.search(r"job id: (\d+)", waiting.stdout.readline()).group(1)
@@ -165,7 +165,8 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
                               "configs/demo.yaml", *tiny_overrides(images, plain_dir, **extra)],
                              cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
-    assert wait_final(job, 420) == "COMPLETED"
+    # Two allocations on an idle machine; the limits leave room for a busy one.
+    assert wait_final(job, 900) == "COMPLETED"
     assert plain.wait(timeout=300) == 0, plain.stderr.read()[-3000:]
     # --wait followed the job through its requeues to the end.
     out, err = waiting.communicate(timeout=60)
