@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark on one H100/H200: ViT-S/16 paper recipe (batch 64, 2x224 + 10x96 crops,
 # out_dim 65536) in bf16 with synthetic crops: dino-bench eager, the reference-style step
-# against ours in one process, dino-bench with torch.compile, and the data pipeline.
-# Each part prints one JSON line and also writes it to $OUT (or benchmarks/out).
+# against ours in one process (eager, then compiled), dino-bench with torch.compile, and the
+# data pipeline on this machine's CPU. Each part prints one JSON line and writes it to
+# $OUT/<part>.json (or benchmarks/out); their stderr goes to stderr.log.
 # Under 8 minutes on an H100 including compilation (each part has its own time limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,16 +27,20 @@ part() {  # part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
   echo "== $name"
   local began=$SECONDS
-  timeout "$limit" "$@" >"$out_dir/$name.json" 2>"$out_dir/$name.log"
+  timeout "$limit" "$@" >"$out_dir/$name.json" 2>"$out_dir/part.err"
   local rc=$?
   cat "$out_dir/$name.json"
   echo "   ($name: exit $rc, $((SECONDS - began)) s)"
-  [ "$rc" -eq 0 ] || tail -n 25 "$out_dir/$name.log"
+  { echo "== $name (exit $rc)"; cat "$out_dir/part.err"; } >>"$out_dir/stderr.log"
+  [ "$rc" -eq 0 ] || tail -n 25 "$out_dir/part.err"
+  rm -f "$out_dir/part.err"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 part bench_eager 90 python3 -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
 part reference_step 100 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 2
-part bench_compile 230 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 4
+part data_profile 40 python3 benchmarks/data_profile.py
+part bench_compile 150 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part reference_step_compiled 150 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"

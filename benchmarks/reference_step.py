@@ -133,16 +133,17 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile dino_dist's models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile dino_dist's student, teacher and loss")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     cfg.data.path, cfg.data.num_workers = str(ensure_bench_images(count=max(64, cfg.optim.batch_size_per_gpu))), 0
     env = init_distributed(cfg.train.device)
     training = build_training(cfg, env)
-    if args.compile:
+    if args.compile:  # as dino-bench --compile
         training.student.compile()
         training.teacher.compile()
+        training.engine.loss_fn.compile()
     crops = synthetic_crops(cfg, env.device)
     ours = StepRunner(training.engine, iter(lambda: (crops, 0), None), cfg.optim.accum_steps,
                       epoch=cfg.optim.freeze_last_layer)
