@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from dino_dist.health import HealthMonitor, small_batch_warning
 from tests.conftest import run_train, tiny_overrides, write_image_folder
 
@@ -87,12 +89,17 @@ def test_collapsing_run_warns_within_a_few_logging_steps_and_a_healthy_one_never
     # A teacher temperature of 1 instead of 0.04: the teacher's outputs are flat from step 1.
     hot = tmp_path / "hot"
     result = run_train(tiny_overrides(data, hot, **{
-        "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0, "train.max_steps": 4}))
+        "loss.teacher_temp": 1.0, "loss.warmup_teacher_temp": 1.0, "train.max_steps": 4,
+        "log.tensorboard": "true"}))
     assert "uniform collapse" in result.stdout
     warned = [r["step"] for r in read_metrics(hot) if "uniform_collapse" in r.get("warnings", [])]
     assert warned == [3]  # the third logging step (log.collapse_window=3)
     assert "loss.teacher_temp" in (hot / "log.txt").read_text()
     assert json.loads((hot / "training_summary.json").read_text())["stop_reason"] == "max_steps"
+    events = EventAccumulator(str(hot / "tb"))
+    events.Reload()
+    assert [e.value > 0.95 for e in events.Scalars("train/entropy_ratio")] == [True] * 4
+    assert [e.step for e in events.Tensors("warnings/text_summary")] == [3]
 
     healthy = tmp_path / "healthy"
     result = run_train(tiny_overrides(data, healthy))
