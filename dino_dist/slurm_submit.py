@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +21,10 @@ from dino_dist.config import DEFAULT_CONFIG, Config, ConfigError, SlurmConfig, l
 from dino_dist.preemption import job_state
 
 # SLURM states after which the job will not run again by itself. A requeued job passes
-# through REQUEUED and PENDING instead.
+# through REQUEUED and PENDING instead; PREEMPTED is left out because clusters that requeue
+# on preemption show it before PENDING.
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+                "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
 # Option name → SlurmConfig field, for the options that override the config's slurm section.
 SLURM_OPTIONS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
                  "partition", "account", "qos", "constraint", "timeout_min", "signal_delay_s",
@@ -147,7 +149,7 @@ def submit(argv: list[str] | None = None) -> int:
 
 def wait_slurm(job_id: str, poll_s: float = 2.0) -> str:
     """Follow the job through requeues with squeue (sacct needs an accounting database)."""
-    last = None
+    last, unseen = None, 0
     while True:
         state = job_state(job_id)
         if state != last and state is not None:
@@ -156,15 +158,16 @@ def wait_slurm(job_id: str, poll_s: float = 2.0) -> str:
             last = state
         if state in FINAL_STATES:
             return state
-        if state is None and last is not None:
-            return last_known_state(job_id) or "UNKNOWN (the job left squeue)"
+        # None several polls in a row: squeue has forgotten the job (not a busy controller).
+        unseen = unseen + 1 if state is None else 0
+        if unseen >= 5:
+            seen = f"{last} (last seen; the job left squeue)" if last else "UNKNOWN to squeue"
+            return last_known_state(job_id) or seen
         time.sleep(poll_s)
 
 
 def last_known_state(job_id: str) -> str | None:
     """After squeue forgets a job (MinJobAge), ask sacct where a cluster has accounting."""
-    import subprocess
-
     if shutil.which("sacct") is None:
         return None
     out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-o", "State"],
