@@ -220,3 +220,12 @@ def test_plain_scancel_saves_and_is_not_requeued(slurm, images, tmp_path):
     log = (run_dir / "log.txt").read_text()
     assert re.search(rf"not requeued \(job {job} is (COMPLETING|CANCELLED)\)", log), log[-2000:]
     assert (run_dir / "checkpoints" / f"step_{stops[0][1]:08d}.pt.manifest.json").exists()
+
+
+def test_wait_follows_a_job_to_its_end_and_gives_up_on_unknown_ids(slurm, tmp_path):
+    from dino_dist.slurm_submit import wait_slurm
+
+    out = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", "--wrap",
+                          "exit 3"], capture_output=True, text=True, check=True)
+    assert wait_slurm(out.stdout.strip(), poll_s=0.5) == "FAILED"
+    assert wait_slurm("999999", poll_s=0.1) == "UNKNOWN to squeue"
