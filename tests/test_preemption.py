@@ -78,3 +78,18 @@ def test_usr2_stops_a_plain_run_at_a_step_boundary_and_a_restart_loses_nothing(i
 
     run_train(overrides)
     assert logged_steps(run_dir) == list(range(1, 49))  # none lost, none repeated
+
+
+def test_a_signal_during_start_up_stops_at_the_first_step(image_folder, tmp_path):
+    """The SLURM entry installs the handlers before torch is imported."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dino_dist.slurm_entry",
+                             *tiny_overrides(image_folder, run_dir)], cwd=REPO,
+                            env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)  # the handlers are in place within ~0.1 s; torch takes seconds to import
+    proc.send_signal(signal.SIGUSR2)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == EXIT_STOPPED, output
+    assert "stopped by SIGUSR2 at step 1" in output
+    assert logged_steps(run_dir) == [1]

@@ -1,0 +1,22 @@
+"""`srun python -m dino_dist.slurm_entry [dino-train arguments]`: dino-train for SLURM tasks.
+
+The same entry as `python -m dino_dist.train`, with the stop handlers installed before torch is
+imported: a USR2 or TERM in those first seconds of a (re)started job would otherwise kill the
+task with the default action instead of stopping it at its first step.
+"""
+from __future__ import annotations
+
+import sys
+
+from dino_dist.preemption import install_stop_handlers
+
+
+def cli() -> None:
+    install_stop_handlers(include_term=True)
+    from dino_dist.train import main
+
+    sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    cli()
