@@ -42,5 +42,5 @@ part bench_eager 90 python3 -m dino_dist.bench.cli --config "$config" --steps "$
 part reference_step 100 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
 part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 4
 part data_profile 40 python3 benchmarks/data_profile.py
-part bench_compile 150 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
-part reference_step_compiled 150 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part bench_compile 180 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part reference_step_compiled 180 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="step and floor alternate this many times (default 4)")
     parser.add_argument("--phase-steps", type=int, default=5,
                         help="steps of the synchronised per-phase pass (default 5; 0 = skip)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile student, teacher and loss")
+    parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     parser.add_argument("--images", default=None,
                         help="--data-only: folder of images (default: generated 500x375 JPEGs)")
     parser.add_argument("--images-per-round", type=int, default=16)

@@ -30,7 +30,7 @@ class BenchSettings:
     rounds: int = 4  # step and floor alternate this many times
     phase_steps: int = 5  # steps of the separate, synchronised per-phase pass
     synthetic: bool = True  # in-memory crops (compute only) or the configured image folder
-    compile: bool = False  # torch.compile student, teacher and loss
+    compile: bool = False  # torch.compile student and teacher
 
 
 def synthetic_crops(cfg: Config, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -108,8 +108,6 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     if settings.compile:
         training.student.compile()
         training.teacher.compile()
-        # The loss's softmaxes and pair sums are memory-bound elementwise work that fuses well.
-        engine.loss_fn.compile()
     if settings.synthetic:
         batches = iter(lambda: (floor_crops, 0), None)
     else:
