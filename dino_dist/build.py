@@ -19,7 +19,7 @@ from dino_dist.engine import DinoEngine
 from dino_dist.loop import micro_batches_per_epoch, steps_per_epoch
 from dino_dist.loss import DINOLoss
 from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
-from dino_dist.parallel import place_models, wrap_student
+from dino_dist.parallel import prepare_models
 from dino_dist.schedules import build_schedules
 
 
@@ -61,8 +61,7 @@ def build_training(cfg: Config, env: DistEnv) -> Training:
     configure_cpu_threads(env, cfg.data.num_workers)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_student_teacher(cfg)
-    student, teacher = place_models(student, teacher, env)
-    wrapped = wrap_student(student, env)
+    wrapped, student, teacher = prepare_models(student, teacher, env, cfg.train)
     seed_everything(cfg.train.seed + env.rank)  # stochastic depth differs per rank
     o = cfg.optim
     loader, sampler, _dataset = build_train_loader(

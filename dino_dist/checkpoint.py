@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from dino_dist.dist import all_gather_objects, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
 FORMAT_VERSION = 1
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
+# step_<8 digits>.pt: a rank-0 file (DDP); step_<8 digits>: a folder of shards (FSDP).
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})(\.pt)?$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "config")
 
 
@@ -49,7 +51,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -105,7 +107,7 @@ def _test_delay() -> None:
         time.sleep(delay)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,14 +142,14 @@ def save_checkpoint(directory: Path, state: dict[str, Any], is_main: bool,
 def _commit(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    _write_atomically(path, lambda f: written.append(_save_tensors(state, f)))
+    atomic_write(path, lambda f: written.append(_save_tensors(state, f)))
     if written[0].size != path.stat().st_size:  # torch.save seeked back: hash the file instead
         written[0].digest = hashlib.sha256(path.read_bytes())
     manifest = {"format_version": FORMAT_VERSION, "step": state["step"],
                 "epoch": state["epoch"], "epoch_step": state.get("epoch_step", 0),
                 "size": path.stat().st_size, "sha256": written[0].digest.hexdigest()}
-    _write_atomically(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
-    _fsync_dir(path.parent)
+    atomic_write(manifest_path(path), lambda f: f.write(json.dumps(manifest).encode()))
+    fsync_dir(path.parent)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -171,12 +173,22 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
-    """Final-named checkpoint files, newest step first (validity not checked)."""
+    """Final-named checkpoint files and folders, newest step first (validity not checked)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
+    found = [p for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))
+             and (p.is_file() if m.group(2) else p.is_dir())]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)),
                   reverse=True)
+
+
+def _description(path: Path) -> dict[str, Any]:
+    """A checkpoint's manifest (file) or commit marker (folder), unchecked; {} if unreadable."""
+    small_file = path / "COMMITTED.json" if path.is_dir() else manifest_path(path)
+    try:
+        return json.loads(small_file.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def prune_checkpoints(directory: Path, keep_last: int, keep_every_epochs: int) -> list[Path]:
@@ -185,22 +197,28 @@ def prune_checkpoints(directory: Path, keep_last: int, keep_every_epochs: int) -
     for index, path in enumerate(list_checkpoints(directory)):
         if index < keep_last:
             continue
-        try:
-            manifest = json.loads(manifest_path(path).read_text())
-        except (OSError, ValueError):
-            manifest = {}
-        at_epoch_end = manifest.get("epoch_step") == 0
-        if keep_every_epochs and at_epoch_end and manifest.get("epoch", 0) % keep_every_epochs == 0:
+        description = _description(path)
+        at_epoch_end = description.get("epoch_step") == 0
+        if keep_every_epochs and at_epoch_end and description.get("epoch", 0) % keep_every_epochs == 0:
             continue
-        path.unlink(missing_ok=True)
-        manifest_path(path).unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+            manifest_path(path).unlink(missing_ok=True)
         removed.append(path)
     return removed
 
 
 def load_checkpoint(path: Path, map_location: torch.device | str = "cpu",
                     verify: bool = True) -> dict[str, Any]:
+    """A file's whole state; a sharded folder's state without the weights (those are read
+    through DCP into the run's own layout: sharded_checkpoint.load_weights)."""
     path = Path(path)
+    if path.is_dir():
+        from dino_dist import sharded_checkpoint
+        sharded_checkpoint.read_marker(path)
+        return sharded_checkpoint.load_extra_state(path, map_location)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist: check the path")
     if verify and manifest_path(path).exists():
@@ -218,12 +236,18 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu",
 
 
 def remove_unfinished_writes(directory: Path) -> list[Path]:
-    """Delete `.tmp` files a killed writer left behind (never a final-named file)."""
+    """Delete what a killed writer left behind: `.tmp` files, and shard folders without a
+    commit marker (never a committed checkpoint). Only at start-up, before any save."""
     if not directory.is_dir():
         return []
     debris = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    debris += [p for p in list_checkpoints(directory)
+               if p.is_dir() and not (p / "COMMITTED.json").exists()]
     for path in debris:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         LOG.warning("removed %s: a save that was interrupted before it was committed", path)
     return debris
 
@@ -232,7 +256,8 @@ def load_newest_valid(directory: Path, map_location: torch.device | str = "cpu")
     """The newest checkpoint whose manifest matches and that loads; damaged ones are named."""
     for path in list_checkpoints(directory):
         try:
-            read_manifest(path)
+            if path.is_file():
+                read_manifest(path)
             return path, load_checkpoint(path, map_location, verify=False)
         except CheckpointError as err:
             LOG.warning("skipping %s", err)
@@ -303,9 +328,10 @@ def training_state(engine, config: dict[str, Any], position: dict[str, int]) -> 
 def restore_training_state(engine, state: dict[str, Any]) -> None:
     """Load weights, optimizer and counters; RNG streams only on the world size that wrote them
     (rank r's stream belongs to rank r of that world)."""
-    engine.student_module.load_state_dict(state["student"])
-    engine.teacher.load_state_dict(state["teacher"])
-    engine.optimizer.load_state_dict(state["optimizer"])
+    if "student" in state:  # sharded checkpoints load their weights through DCP instead
+        engine.student_module.load_state_dict(state["student"])
+        engine.teacher.load_state_dict(state["teacher"])
+        engine.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         engine.scaler.load_state_dict(state["scaler"])
     engine.loss_fn.load_state_dict(state["loss"])

@@ -109,6 +109,8 @@ class TrainConfig:
     # time rank 0 needs to write one checkpoint, since the other ranks wait for it.
     dist_timeout_s: int = 600
     max_nonfinite_steps: int = 10  # skipped non-finite steps in a row before the run stops
+    compile: bool = False  # torch.compile each transformer block (or ResNet stage)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -119,6 +121,9 @@ class CheckpointConfig:
     keep_every_epochs: int = 0  # also keep the epoch-end checkpoint of every N-th epoch
     resume: bool = True  # resume from the newest valid checkpoint in train.output_dir
     resume_from: str = ""  # a checkpoint file to start from instead
+    # Sharded (FSDP) checkpoints only: training waits for the copy to host memory, not for
+    # the write; the next save waits for the previous one to be committed.
+    async_save: bool = False
 
 
 @dataclass
@@ -181,7 +186,7 @@ class Config:
 
 CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
-    "train.parallel": ("ddp",),
+    "train.parallel": ("ddp", "fsdp"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.clip_mode": ("per_param", "global"),
     "optim.lr_schedule": ("cosine", "linear", "cosine_restarts", "polynomial",

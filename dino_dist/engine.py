@@ -21,10 +21,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dino_dist.dist import DistEnv, all_reduce_sum_
 from dino_dist.loss import DINOLoss
 from dino_dist.schedules import Schedules
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of DTensors (FSDP), plain tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 class _IdleClock:
@@ -65,8 +71,8 @@ class DinoEngine:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # EMA pairs: every student tensor (trainable or frozen) mirrors a teacher tensor.
-        self.ema_student = [p.detach() for p in student_module.parameters()]
-        self.ema_teacher = [p.detach() for p in teacher.parameters()]
+        self.ema_student = list(student_module.parameters())  # updated under no_grad only
+        self.ema_teacher = list(teacher.parameters())
         self.trainable = [p for p in student_module.parameters() if p.requires_grad]
         self.skipped_steps = 0  # steps not applied (non-finite loss or gradients), whole run
         self.bad_streak = 0  # consecutive skipped steps, checked against max_nonfinite_steps
@@ -98,12 +104,15 @@ class DinoEngine:
         crops = [c.to(device, non_blocking=True) for c in crops]
         self.clock.mark("data")
         teacher_temp = float(self.schedules.teacher_temp[min(step, self.schedules.total_steps - 1)])
-        no_sync = getattr(self.student, "no_sync", None)
-        sync_ctx = contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
-        with sync_ctx:
+        with self._gradient_sync(sync_grads):
             with self.autocast():
                 with torch.no_grad():
                     teacher_out = self.teacher(crops[: self.n_global_crops])
+                if hasattr(self.teacher, "reshard"):
+                    # FSDP keeps a root's gathered parameters until its backward, which the
+                    # teacher never runs: without this its next forward would reuse the
+                    # pre-EMA root weights instead of gathering the updated shards.
+                    self.teacher.reshard()
                 self.clock.mark("teacher_forward")
                 student_out = self.student(crops)
                 self.clock.mark("student_forward")
@@ -199,11 +208,29 @@ class DinoEngine:
             if group.get("weight_decay_applies", True):
                 group["weight_decay"] = wd
 
+    def _gradient_sync(self, sync_grads: bool):
+        """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last
+        micro-batch; FSDP then holds unsharded gradients until the step (the memory price)."""
+        if hasattr(self.student, "set_requires_gradient_sync"):
+            self.student.set_requires_gradient_sync(sync_grads)
+            return contextlib.nullcontext()
+        no_sync = getattr(self.student, "no_sync", None)
+        return contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each parameter's gradient norm; for sharded gradients, over the whole parameter
+        (local squared norms summed across ranks in one all-reduce)."""
+        if not isinstance(grads[0], DTensor):
+            return torch._foreach_norm(grads)
+        squares = torch.stack(torch._foreach_norm(local_tensors(grads))) ** 2
+        return list(all_reduce_sum_(squares).sqrt().unbind())
+
     def _clip_gradients(self) -> torch.Tensor:
         grads = [p.grad for p in self.trainable if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.env.device)
-        norms = torch._foreach_norm(grads)
+        norms = self._grad_norms(grads)
+        grads = local_tensors(grads)  # scaling a shard in place scales that part of the parameter
         if self.stats is not None:
             self.stats.add_grad_norms(self.trainable, norms)
         total_norm = torch.linalg.vector_norm(torch.stack(norms))
@@ -220,6 +247,9 @@ class DinoEngine:
 
     @torch.no_grad()
     def _update_teacher(self, momentum: float) -> None:
+        # Sharded models are sharded alike, so the EMA runs shard by shard with no gather.
+        # The shards are looked up each time: FSDP may re-point them (e.g. at its lazy init).
+        teacher, student = local_tensors(self.ema_teacher), local_tensors(self.ema_student)
         # One fused pass (t += (1 - m)(s - t)) instead of a multiply and an add: half the
         # memory traffic of the EMA, which is all its cost.
-        torch._foreach_lerp_(self.ema_teacher, self.ema_student, 1.0 - momentum)
+        torch._foreach_lerp_(teacher, student, 1.0 - momentum)

@@ -6,10 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from dino_dist.checkpoint import CheckpointError, load_checkpoint
+import torch
+
+from dino_dist.checkpoint import CheckpointError
+from dino_dist.export import backbone_weights, read_training_state, sidecar
 from dino_dist.config import config_from_dict
 from dino_dist.data import DataError, LabelledImageDataset, eval_transform
 from dino_dist.dist import init_distributed, teardown
@@ -33,11 +37,16 @@ def parse_args(argv):
 
 
 def teacher_backbone(checkpoint: Path, device):
-    state = load_checkpoint(checkpoint, map_location="cpu")
-    cfg = config_from_dict(state["config"])
+    """From a training checkpoint (file or FSDP folder) or a `dino-export`ed backbone."""
+    if sidecar(checkpoint).is_file():
+        info = json.loads(sidecar(checkpoint).read_text())
+        cfg = config_from_dict({"model": {k: info[k] for k in ("arch", "patch_size", "img_size")}})
+        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    else:
+        state = read_training_state(checkpoint)
+        cfg = config_from_dict(state["config"])
+        weights = backbone_weights(state, "teacher")
     backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
-    weights = {k[len("backbone."):]: v for k, v in state["teacher"].items()
-               if k.startswith("backbone.")}
     backbone.load_state_dict(weights, strict=True)
     return backbone.to(device), cfg
 

@@ -1,0 +1,220 @@
+"""Sharded (FSDP) checkpoints with torch.distributed.checkpoint (DCP).
+
+One folder per save, `step_<8-digit step>/`: every rank writes its own shards of the student,
+the teacher and the optimizer (DCP files plus DCP's `.metadata`), rank 0 adds `state.pt` (the
+center, scaler, position, per-rank RNG, config: small, weights_only-loadable), and only after
+all of that is on disk rank 0 writes `COMMITTED.json` (step, epoch, every file with its size).
+A folder without that marker does not count: a kill at any moment leaves the previous
+checkpoint the newest valid one. DCP stores each tensor with its global shape and offsets, so a
+folder written by N ranks loads at any number of ranks (or into an unsharded model).
+
+With `async_save`, training waits only while DCP copies the shards to host memory; the write
+runs in a background thread on a process group of its own (so it never interleaves with the
+training's collectives) and rank 0 writes the marker when it is done. The next save first
+waits for the previous one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from dino_dist.checkpoint import CheckpointError, FORMAT_VERSION, atomic_write, fsync_dir
+from dino_dist.dist import barrier, broadcast_object
+
+LOG = logging.getLogger("dino_dist")
+MARKER = "COMMITTED.json"
+EXTRA_STATE = "state.pt"
+WEIGHT_KEYS = ("student", "teacher", "optimizer")
+
+
+def folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def dcp_state(engine) -> dict[str, Any]:
+    """Student, teacher and optimizer in DCP's layout (parameter-name keys, sharded tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    return {"student": get_model_state_dict(engine.student_module),
+            "teacher": get_model_state_dict(engine.teacher),
+            "optimizer": get_optimizer_state_dict(engine.student_module, engine.optimizer)}
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ShardedSaver:
+    """Saves sharded checkpoints; holds the background save in flight, if any."""
+
+    def __init__(self, directory: Path, is_main: bool, async_save: bool = False,
+                 after_commit: Callable[[], None] | None = None) -> None:
+        self.directory, self.is_main, self.async_save = directory, is_main, async_save
+        self.after_commit = after_commit or (lambda: None)
+        self.pending: Future | None = None
+        self._group = None  # the background writer's own process group
+
+    def save(self, engine, state: dict[str, Any]) -> Path:
+        """`state`: checkpoint.training_state(...); its weights go through DCP."""
+        self.wait()
+        folder = self.directory / folder_name(state["step"])
+        extra = {k: v for k, v in state.items() if k not in WEIGHT_KEYS}
+        error = None
+        if self.is_main:
+            try:
+                _prepare_folder(folder)
+                atomic_write(folder / EXTRA_STATE, lambda f: torch.save(extra, f))
+            except OSError as err:
+                error = _write_error(folder, err)
+        error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+        weights = dcp_state(engine)
+        if self.async_save:
+            self.pending = self._start_async(weights, folder, extra)
+            return folder
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # DCP's "no process group" notice
+            dcp_save(weights, folder)
+        barrier()  # every rank's shards are on disk
+        self._commit(folder, extra)
+        return folder
+
+    def _start_async(self, weights, folder: Path, extra: dict[str, Any]) -> Future:
+        import torch.distributed.checkpoint as dcp
+        if _distributed() and self._group is None:
+            self._group = dist.new_group(backend="gloo")
+        future = dcp.async_save(weights, checkpoint_id=str(folder), process_group=self._group,
+                                no_dist=not _distributed())
+        # DCP's future resolves on rank 0 only after every rank reported its files and the
+        # global .metadata is written, so the marker can follow from there.
+        if self.is_main:
+            future.add_done_callback(lambda done: self._commit_in_background(done, folder, extra))
+        return future
+
+    def _commit_in_background(self, done: Future, folder: Path, extra: dict[str, Any]) -> None:
+        if done.exception() is not None:
+            LOG.error("background save of %s failed (%s); earlier checkpoints are kept",
+                      folder, done.exception())
+            return
+        try:
+            self._commit(folder, extra, wait_for_ranks=False)
+        except (OSError, CheckpointError) as err:
+            LOG.error("%s", err)
+
+    def _commit(self, folder: Path, extra: dict[str, Any], wait_for_ranks: bool = True) -> None:
+        error = None
+        if self.is_main:
+            try:
+                write_marker(folder, extra)
+                self.after_commit()
+            except OSError as err:
+                error = _write_error(folder, err)
+        if wait_for_ranks:
+            error = broadcast_object(error)
+        if error:
+            raise CheckpointError(error)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and committed."""
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+            barrier()  # the marker (written by rank 0's callback) exists before anyone goes on
+
+
+def dcp_save(weights: dict[str, Any], folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    dcp.save(weights, checkpoint_id=str(folder), no_dist=not _distributed())
+
+
+def _prepare_folder(folder: Path) -> None:
+    if folder.exists():  # an uncommitted attempt at this step (a kill mid-save): start over
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+
+
+def _write_error(folder: Path, err: OSError) -> str:
+    return (f"cannot write checkpoint '{folder}' ({err.strerror or err}): free disk space or "
+            f"fix the folder's permissions, then restart; earlier checkpoints are kept")
+
+
+def write_marker(folder: Path, extra: dict[str, Any]) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MARKER}
+    for name in files:  # the shards were written by other processes: make them durable
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+    marker = {"format_version": FORMAT_VERSION, "step": extra["step"], "epoch": extra["epoch"],
+              "epoch_step": extra.get("epoch_step", 0), "world_size": extra.get("world_size"),
+              "files": files}
+    atomic_write(folder / MARKER, lambda f: f.write(json.dumps(marker).encode()))
+    fsync_dir(folder)
+    fsync_dir(folder.parent)
+
+
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The folder's commit marker, checked against the files; CheckpointError if not valid."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint folder '{folder}' has no {MARKER}: its save did "
+                              f"not finish")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"commit marker of '{folder}' is unreadable ({err})")
+    if marker.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint '{folder}' has format {marker.get('format_version')}, "
+                              f"this version reads {FORMAT_VERSION}")
+    for name, size in marker.get("files", {}).items():
+        path = folder / name
+        actual = path.stat().st_size if path.exists() else -1
+        if actual != size:
+            raise CheckpointError(f"checkpoint '{folder}': {name} is {actual} bytes, its marker "
+                                  f"says {size}: the folder is damaged")
+    return marker
+
+
+def load_extra_state(folder: Path, map_location) -> dict[str, Any]:
+    try:
+        return torch.load(folder / EXTRA_STATE, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged archive
+        raise CheckpointError(f"checkpoint '{folder}': {EXTRA_STATE} cannot be read "
+                              f"({type(err).__name__}): the folder is damaged")
+
+
+def load_weights(folder: Path, engine) -> None:
+    """Read the student, teacher and optimizer into the run's current layout (any world size,
+    sharded or not): DCP reshards by the tensors' global offsets."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    weights = dcp_state(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(weights, checkpoint_id=str(folder), no_dist=not _distributed())
+    set_model_state_dict(engine.student_module, weights["student"])
+    set_model_state_dict(engine.teacher, weights["teacher"])
+    set_optimizer_state_dict(engine.student_module, engine.optimizer, weights["optimizer"])
+
+
+def read_full(folder: Path) -> dict[str, Any]:
+    """A committed folder as whole (unsharded) tensors in one process: the extra state plus
+    `student` and `teacher` state dicts, for export, inspection and tests."""
+    import torch.distributed.checkpoint as dcp
+    from dino_dist.build import build_student_teacher
+    from dino_dist.config import config_from_dict
+
+    read_marker(folder)
+    state = load_extra_state(folder, "cpu")
+    student, teacher = build_student_teacher(config_from_dict(state["config"]))
+    weights = {"student": student.state_dict(), "teacher": teacher.state_dict()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(weights, checkpoint_id=str(folder), no_dist=True)
+    return {**state, **weights}
