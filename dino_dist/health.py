@@ -17,6 +17,7 @@ UNIFORM_ENTROPY_RATIO = 0.95  # teacher entropy / ln(out_dim) at or above: near-
 UNIFORM_LOSS_RATIO = 0.95  # loss / ln(out_dim) at or above: the loss sits at ln(out_dim)
 ONE_HOT_ENTROPY_RATIO = 0.1  # teacher entropy / ln(out_dim) below: near one-hot outputs
 FEW_PROTOTYPES_SHARE = 0.05  # prototypes used / min(teacher rows, out_dim) below: few in use
+FEW_PROTOTYPES = 2  # this many or fewer in use is few at any batch size
 GRAD_EXPLOSION_FACTOR = 10.0  # gradient norm above this many times its recent median
 GRAD_HISTORY = 20  # logging steps in that median
 FP16_SKIP_SHARE = 0.1  # skipped share of the steps since the last logging step
@@ -77,7 +78,9 @@ class HealthMonitor:
             return None
         entropy, loss = values["entropy_ratio"], values["loss_ratio"]
         uniform = entropy >= UNIFORM_ENTROPY_RATIO and loss >= UNIFORM_LOSS_RATIO
-        one_hot = entropy < ONE_HOT_ENTROPY_RATIO and values["prototype_share"] < FEW_PROTOTYPES_SHARE
+        few = values["prototypes_used"] <= FEW_PROTOTYPES or \
+            values["prototype_share"] < FEW_PROTOTYPES_SHARE
+        one_hot = entropy < ONE_HOT_ENTROPY_RATIO and few
         if self._due("uniform_collapse", uniform):
             return HealthWarning(
                 "uniform_collapse",

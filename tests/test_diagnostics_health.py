@@ -47,6 +47,10 @@ def test_dimensional_collapse_needs_low_entropy_and_few_prototypes():
     found = monitor.check(40, one_hot)
     assert [w.code for w in found] == ["dimensional_collapse"]
     assert "1 prototypes" in found[0].message and "loss.center_momentum" in found[0].message
+    small_batch = HealthMonitor(256, window=1, precision="fp32")  # 16 teacher rows: 2 is 12%
+    assert codes(small_batch, 10, figures(entropy_ratio=0.05, used=3, share=3 / 16)) == []
+    assert codes(small_batch, 20, figures(entropy_ratio=0.05, used=2, share=2 / 16)) == \
+        ["dimensional_collapse"]
 
 
 def test_gradient_explosion_against_the_recent_median():
