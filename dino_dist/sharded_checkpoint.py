@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -95,20 +96,26 @@ class ShardedSaver:
         future = dcp.async_save(weights, checkpoint_id=str(folder), process_group=self._group,
                                 no_dist=not _distributed())
         # DCP's future resolves on rank 0 only after every rank reported its files and the
-        # global .metadata is written, so the marker can follow from there.
+        # global .metadata is written, so the marker can follow from there. `wait` waits for
+        # the marker too (callbacks run after the future's waiters are released).
+        self.committed = threading.Event()
         if self.is_main:
             future.add_done_callback(lambda done: self._commit_in_background(done, folder, extra))
+        else:
+            self.committed.set()
         return future
 
     def _commit_in_background(self, done: Future, folder: Path, extra: dict[str, Any]) -> None:
-        if done.exception() is not None:
-            LOG.error("background save of %s failed (%s); earlier checkpoints are kept",
-                      folder, done.exception())
-            return
         try:
+            if done.exception() is not None:
+                LOG.error("background save of %s failed (%s); earlier checkpoints are kept",
+                          folder, done.exception())
+                return
             self._commit(folder, extra, wait_for_ranks=False)
         except (OSError, CheckpointError) as err:
             LOG.error("%s", err)
+        finally:
+            self.committed.set()
 
     def _commit(self, folder: Path, extra: dict[str, Any], wait_for_ranks: bool = True) -> None:
         error = None
@@ -127,6 +134,7 @@ class ShardedSaver:
         """Block until the save in flight (if any) is written and committed."""
         if self.pending is not None:
             self.pending.result()
+            self.committed.wait()
             self.pending = None
             barrier()  # the marker (written by rank 0's callback) exists before anyone goes on
 

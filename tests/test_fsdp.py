@@ -194,3 +194,20 @@ def test_block_options_give_the_eager_loss(dataset, tmp_path, option):
     eager, other = losses(tmp_path / "eager"), losses(tmp_path / "option")
     assert len(eager) == len(other) == 2
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(eager, other)), (eager, other)
+
+
+def test_async_saves_commit_and_resume_to_the_same_state(fsdp_run, dataset, tmp_path):
+    """Background writes: each folder gets its marker, and resuming from the last one gives
+    the state of the run that saved synchronously and never stopped."""
+    common = {"train.parallel": "fsdp", "optim.batch_size_per_gpu": 4,
+              "checkpoint.async_save": True, "checkpoint.every_steps": 2}
+    first = run_train(tiny_overrides(dataset, tmp_path, **common, **{"train.max_steps": 4}),
+                      nproc=2)
+    assert "(writing in the background)" in first.stdout
+    folders = sorted(p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert [p.name for p in folders] == ["step_00000002", "step_00000004"]
+    assert all((p / MARKER).is_file() for p in folders)
+    second = run_train(tiny_overrides(dataset, tmp_path, **common, **{"train.max_steps": STEPS}),
+                       nproc=2)
+    assert "step_00000004 (step 4" in second.stdout
+    assert_close(state_at(tmp_path, STEPS), state_at(fsdp_run, STEPS), 1e-6)
