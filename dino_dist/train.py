@@ -19,7 +19,7 @@ from dino_dist.checkpoint_writer import CheckpointWriter
 from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
 from dino_dist.checkpoint import (CheckpointError, check_compatible, list_checkpoints,
                                   load_checkpoint, load_newest_valid, remove_unfinished_writes,
-                                  restore_training_state, save_checkpoint, training_state)
+                                  restore_training_state, training_state)
 from dino_dist.config import Config, ConfigError, dump_config, load_config
 from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
 from dino_dist.dist import (DistEnv, barrier, describe_collective_failure, init_distributed,

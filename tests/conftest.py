@@ -55,6 +55,20 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def child_pids(parent_pid: int) -> list[int]:
+    """Direct children of a process (torchrun's workers), read from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent_pid:
+                children.append(int(entry.name))
+    return sorted(children)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dino_dist.checkpoint import list_checkpoints, load_newest_valid
-from tests.conftest import REPO, free_port, run_train, subprocess_env, tiny_overrides
+from tests.conftest import REPO, child_pids, free_port, run_train, subprocess_env, tiny_overrides
 
 # 32 images, batch 8: 4 steps per epoch, 12 in all; a checkpoint after every step.
 KILL_RUN = {"train.epochs": 3, "model.drop_path_rate": 0.1, "checkpoint.every_steps": 1,
@@ -88,20 +88,6 @@ def test_sigkill_at_random_moments_then_restart_is_bit_exact(tmp_path, image_fol
     print(f"kills survived: {kills} ({kills_in_write} inside a checkpoint write), mismatches: 0")
 
 
-def worker_pids(parent_pid: int) -> list[int]:
-    """Child processes of torchrun's agent (its workers), from /proc."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == parent_pid:
-                children.append(int(entry.name))
-    return sorted(children)
-
-
 def test_torchrun_restarts_a_killed_worker_and_the_run_completes(tmp_path, image_folder):
     out = tmp_path / "run"
     overrides = tiny_overrides(image_folder, out, **{
@@ -114,7 +100,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_completes(tmp_path, image
     try:
         wait_for(lambda: (out / "checkpoints" / "step_00000003.pt.manifest.json").exists(),
                  120, "step 3's checkpoint")
-        victim = worker_pids(agent.pid)[-1]
+        victim = child_pids(agent.pid)[-1]
         os.kill(victim, signal.SIGKILL)
         output, _ = agent.communicate(timeout=240)
     finally:

@@ -19,8 +19,8 @@ import torch
 from dino_dist.export import export, sidecar
 from dino_dist.models import build_backbone
 from dino_dist.sharded_checkpoint import MARKER, read_full
-from tests.conftest import (REPO, free_port, max_relative_error, run_train, subprocess_env,
-                            tiny_overrides, write_image_folder)
+from tests.conftest import (REPO, child_pids, free_port, max_relative_error, run_train,
+                            subprocess_env, tiny_overrides, write_image_folder)
 
 STEPS = 6  # 64 images, 8 per optimizer step: 8 steps per epoch
 
@@ -104,18 +104,6 @@ def test_folder_without_commit_marker_is_skipped_with_a_warning(fsdp_run, datase
     assert "resumed from" in result.stdout and "step_00000003 (step 3" in result.stdout
 
 
-def all_processes(agent: subprocess.Popen) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == agent.pid:
-                    children.append(int(entry.name))
-            except OSError:
-                continue
-    return children + [agent.pid]
-
-
 def test_sigkill_during_fsdp_saves_never_prevents_resuming(dataset, tmp_path):
     out = tmp_path / "run"
     args = tiny_overrides(dataset, out, **{
@@ -135,7 +123,7 @@ def test_sigkill_during_fsdp_saves_never_prevents_resuming(dataset, tmp_path):
                 folders = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir()] \
                     if (out / "checkpoints").is_dir() else []
                 if any(not (p / MARKER).exists() for p in folders):
-                    for pid in all_processes(agent):  # the agent and both workers
+                    for pid in [*child_pids(agent.pid), agent.pid]:  # the agent and both workers
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except ProcessLookupError:
