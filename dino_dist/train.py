@@ -15,11 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from dino_dist.checkpoint_writer import CheckpointWriter
-from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
 from dino_dist.checkpoint import (CheckpointError, check_compatible, list_checkpoints,
                                   load_checkpoint, load_newest_valid, remove_unfinished_writes,
                                   restore_training_state, training_state)
+from dino_dist.checkpoint_writer import CheckpointWriter
 from dino_dist.config import Config, ConfigError, dump_config, load_config
 from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
 from dino_dist.dist import (DistEnv, barrier, describe_collective_failure, init_distributed,
@@ -28,6 +27,7 @@ from dino_dist.engine import NonFiniteLossError
 from dino_dist.final_eval import report_knn_at_end
 from dino_dist.loop import LoopEnd, Position, train_loop
 from dino_dist.schedules import total_batch_size
+from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
 from dino_dist.metrics import MetricsWriter, setup_logging
 from dino_dist.periodic_eval import PeriodicEvaluation
 from dino_dist.summary import build_summary, write_summary
