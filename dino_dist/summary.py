@@ -14,7 +14,7 @@ SUMMARY_NAME = "training_summary.json"
 
 
 def stop_reason(cfg, end) -> str:
-    """completed | max_steps | early stopping: ... | stop request: ..."""
+    """completed | max_steps | early stopping: ... | stop request: ... (failures: error: ...)"""
     if end.stop_reason:
         return f"stop request: {end.stop_reason}"
     if end.early_stop:
@@ -38,6 +38,15 @@ def build_summary(cfg, end, start_step: int, wall_time_s: float, loop_time_s: fl
         "best": best,
         "final_metrics": final_metrics,
     }
+
+
+def failure_summary(reason: str, wall_time_s: float, world_size: int, start_step: int,
+                    final_metrics: dict) -> dict:
+    """A run that failed (too many non-finite steps): where it was when it was last logged."""
+    final = {k: v for k, v in final_metrics.items() if k != "warnings"}
+    return {"stop_reason": reason, "steps": final.get("step"), "epochs": final.get("epoch"),
+            "start_step": start_step, "world_size": world_size,
+            "wall_time_s": round(wall_time_s, 3), "best": None, "final_metrics": final}
 
 
 def write_summary(output_dir: Path, summary: dict) -> Path:

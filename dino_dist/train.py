@@ -30,7 +30,7 @@ from dino_dist.schedules import total_batch_size
 from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
 from dino_dist.metrics import MetricsWriter, setup_logging
 from dino_dist.periodic_eval import PeriodicEvaluation
-from dino_dist.summary import build_summary, write_summary
+from dino_dist.summary import build_summary, failure_summary, write_summary
 from dino_dist.preemption import (after_stop, ignore_stop_signals, install_stop_handlers,
                                   under_slurm)
 
@@ -151,8 +151,16 @@ def run(cfg: Config, env: DistEnv) -> LoopEnd:
                  total_batch_size(cfg, env.world_size))
         loop_start = time.perf_counter()
         stopped = evaluation.stopped_early()
-        end = LoopEnd(start, None, stopped) if stopped else train_loop(
-            cfg, env, engine, training.loader, training.sampler, metrics, start, save, on_epoch_end)
+        try:
+            end = LoopEnd(start, None, stopped) if stopped else train_loop(
+                cfg, env, engine, training.loader, training.sampler, metrics, start, save,
+                on_epoch_end)
+        except NonFiniteLossError as err:
+            if env.is_main:
+                write_summary(output_dir, failure_summary(
+                    f"error: {err}", time.perf_counter() - run_start, env.world_size, start.step,
+                    metrics.latest))
+            raise
         loop_time = time.perf_counter() - loop_start
         if end.position.step not in saved_at:
             save(end.position)

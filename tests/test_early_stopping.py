@@ -91,3 +91,15 @@ def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
     summary = json.loads((evaluated / "training_summary.json").read_text())
     assert summary["stop_reason"] == "completed" and summary["best"]["metric"] == "knn_top1"
     assert summary["final_metrics"]["knn_top1"] >= 0
+
+
+def test_a_run_stopped_by_non_finite_steps_says_so_in_its_summary(tmp_path):
+    data = write_image_folder(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    # An absurd lr makes the weights overflow after the first step: every later loss is NaN.
+    result = run_train(tiny_overrides(data, run_dir, **{
+        "optim.lr": 1e36, "optim.clip_grad": 0, "train.max_nonfinite_steps": 1}), check=False)
+    assert result.returncode == 1
+    summary = json.loads((run_dir / "training_summary.json").read_text())
+    assert summary["stop_reason"].startswith("error: 2 optimizer steps in a row had a non-finite")
+    assert summary["final_metrics"]["skipped_steps"] == 1 and summary["steps"] == 2
