@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_dist.bench.images import ensure_bench_images  # noqa: E402
-from dino_dist.bench.step_bench import StepRunner, synthetic_crops, timed  # noqa: E402
+from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops, timed  # noqa: E402
 from dino_dist.build import build_student_teacher, build_training  # noqa: E402
 from dino_dist.config import load_config  # noqa: E402
 from dino_dist.dist import init_distributed  # noqa: E402
@@ -150,10 +150,8 @@ def main() -> int:
     timed(ours, args.warmup, env.device)
     timed(reference, args.warmup, env.device)
     per_round = max(1, args.steps // args.rounds)
-    seconds = {"dino_dist": 0.0, "reference": 0.0}
-    for _ in range(args.rounds):
-        seconds["dino_dist"] += timed(ours, per_round, env.device)
-        seconds["reference"] += timed(reference, per_round, env.device)
+    per_round_seconds = alternate({"dino_dist": ours, "reference": reference}, args.rounds, per_round, env.device)
+    seconds = {name: sum(spent) for name, spent in per_round_seconds.items()}
     images = cfg.optim.batch_size_per_gpu * cfg.optim.accum_steps * per_round * args.rounds
     rates = {name: images / spent for name, spent in seconds.items()}
     print(json.dumps({

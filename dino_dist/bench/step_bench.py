@@ -86,6 +86,16 @@ def timed(run_once: Callable[[], None], calls: int, device: torch.device) -> flo
     return time.perf_counter() - began
 
 
+def alternate(runs: dict[str, Callable[[], None]], rounds: int, per_round: int,
+              device: torch.device) -> dict[str, list[float]]:
+    """Seconds per round of each run; the runs take turns, so load from elsewhere hits all alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run_once in runs.items():
+            seconds[name].append(timed(run_once, per_round, device))
+    return seconds
+
+
 def _bench_config(cfg: Config, bench_images: str | None) -> Config:
     """Synthetic mode still builds the real loader (unused) over a small benchmark folder."""
     cfg = copy.deepcopy(cfg)
@@ -120,13 +130,10 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     timed(runner, settings.warmup, device)
     timed(run_floor, settings.warmup, device)
     per_round = max(1, settings.steps // settings.rounds)
-    round_ratios = []  # floor time / step time per round: robust to a burst of other load
-    step_seconds = floor_seconds = 0.0
-    for _ in range(settings.rounds):
-        step_round = timed(runner, per_round, device)
-        floor_round = timed(run_floor, per_round, device)
-        round_ratios.append(floor_round / step_round)
-        step_seconds, floor_seconds = step_seconds + step_round, floor_seconds + floor_round
+    seconds = alternate({"step": runner, "floor": run_floor}, settings.rounds, per_round, device)
+    step_seconds, floor_seconds = sum(seconds["step"]), sum(seconds["floor"])
+    # floor time / step time per round: robust to a burst of load from elsewhere
+    round_ratios = [floor / step for step, floor in zip(seconds["step"], seconds["floor"])]
     shares = _phase_shares(engine, runner, settings.phase_steps, device)
 
     steps = per_round * settings.rounds
