@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark on one H100/H200: ViT-S/16 paper recipe (batch 64, 2x224 + 10x96 crops,
 # out_dim 65536) in bf16 with synthetic crops: dino-bench eager, the reference-style step
-# against ours in one process (eager, then compiled), dino-bench with torch.compile, and the
-# data pipeline on this machine's CPU. Each part prints one JSON line and writes it to
+# against ours in one process (eager, then compiled), dino-bench with torch.compile of the
+# whole models (--compile) and with the training's per-block compile (train.compile=true), and
+# the data pipeline on this machine's CPU. Each part prints one JSON line and writes it to
 # $OUT/<part>.json (or benchmarks/out); their stderr goes to stderr.log.
 # Under 8 minutes on an H100 including compilation (each part has its own time limit).
 set -uo pipefail
@@ -43,4 +44,5 @@ part reference_step 100 python3 benchmarks/reference_step.py --config "$config" 
 part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 4
 part data_profile 40 python3 benchmarks/data_profile.py
 part bench_compile 180 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part bench_train_compile 180 python3 -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}" train.compile=true
 part reference_step_compiled 180 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"

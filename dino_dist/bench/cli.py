@@ -101,7 +101,8 @@ def step_benchmark(args: argparse.Namespace) -> dict | None:
         "config": str(config_path),
         "arch": cfg.model.arch,
         "precision": cfg.train.precision,
-        "compile": settings.compile,
+        "compile": settings.compile,  # --compile: whole student and teacher
+        "train_compile": cfg.train.compile,  # the training's own per-block compile
         "data": args.data,
         "device": _device_name(env.device),
         "world_size": env.world_size,
