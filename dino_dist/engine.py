@@ -250,6 +250,5 @@ class DinoEngine:
         # Sharded models are sharded alike, so the EMA runs shard by shard with no gather.
         # The shards are looked up each time: FSDP may re-point them (e.g. at its lazy init).
         teacher, student = local_tensors(self.ema_teacher), local_tensors(self.ema_student)
-        # One fused pass (t += (1 - m)(s - t)) instead of a multiply and an add: half the
-        # memory traffic of the EMA, which is all its cost.
-        torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+        torch._foreach_mul_(teacher, momentum)
+        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)

@@ -59,6 +59,7 @@ def data_config(path: str | Path, **overrides) -> types.SimpleNamespace:
         path=str(path), num_workers=0, global_crops_number=2, global_crop_size=GLOBAL_SIZE,
         global_crops_scale=[0.4, 1.0], local_crops_number=3, local_crop_size=LOCAL_SIZE,
         local_crops_scale=[0.05, 0.4], blur_sigma=[0.1, 2.0], demo_dir="", prefetch_factor=2,
+        batched_crops=False,
     )
     settings.update(overrides)
     return types.SimpleNamespace(**settings)
@@ -130,16 +131,17 @@ def test_getitem_leaves_caller_rng_untouched(image_folder):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def loader_batches(root: Path, workers: int, batch_size: int = 4) -> list:
-    cfg = data_config(root, num_workers=workers)
+def loader_batches(root: Path, workers: int, batch_size: int = 4, batched: bool = False) -> list:
+    cfg = data_config(root, num_workers=workers, batched_crops=batched)
     loader, sampler, _ = build_train_loader(cfg, batch_size, rank=0, world_size=1, seed=3)
     sampler.set_epoch(2)
     return list(loader)
 
 
-def test_loader_crops_identical_with_0_and_2_workers(image_folder):
-    serial = loader_batches(image_folder, workers=0)
-    parallel = loader_batches(image_folder, workers=2)
+@pytest.mark.parametrize("batched", [False, True])
+def test_loader_crops_identical_with_0_and_2_workers(image_folder, batched):
+    serial = loader_batches(image_folder, workers=0, batched=batched)
+    parallel = loader_batches(image_folder, workers=2, batched=batched)
     assert len(serial) == len(parallel) == 3
     for (crops_a, labels_a, skipped_a), (crops_b, labels_b, skipped_b) in zip(serial, parallel):
         assert torch.equal(labels_a, labels_b) and skipped_a == skipped_b == 0

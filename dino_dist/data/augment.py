@@ -1,9 +1,13 @@
 """DINO multi-crop augmentation of uint8 image tensors.
 
-Crops of one size are cut from the uint8 image and then augmented together as one batch
-(see crop_group.py); the data benchmark (`dino-bench --data-only`) shows this is several
-times faster than one transforms.v2 chain per crop. Every random choice is drawn from torch's
-global RNG, so seeding that RNG right before a call makes the crops reproducible.
+Two implementations of the same recipe, chosen by `data.batched_crops`:
+- per crop (default): one torchvision.transforms.v2 chain per crop;
+- batched: the crops of one size are cut from the uint8 image and augmented together as one
+  batch (crop_group.py), about 2x faster per loader worker (`dino-bench --data-only`).
+Both apply the same operations with the same distributions; they consume the random stream
+differently, so the two give different (equally valid) crops for the same seed.
+Every random choice is drawn from torch's global RNG, so seeding that RNG right before a call
+makes the crops reproducible.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .crop_group import IMAGENET_MEAN, IMAGENET_STD, CropGroup
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -36,6 +41,50 @@ def _normalise() -> v2.Compose:
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
     ])
+
+
+def _blur_kernel_size(crop_size: int) -> int:
+    # Wide enough for sigma 2 (+-3 sigma), but reflect padding needs the kernel
+    # to stay below the crop size, and the size must be odd.
+    largest_odd = crop_size if crop_size % 2 else crop_size - 1
+    return max(1, min(2 * 6 + 1, largest_odd))
+
+
+def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p: float,
+                   blur_sigma: Sequence[float] = BLUR_SIGMA) -> v2.Compose:
+    # Crop first so the colour work runs on the small crop, and stay in uint8
+    # until the end: it is cheaper and solarize's threshold is defined on uint8.
+    steps = [
+        v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if blur_p > 0:
+        blur = v2.GaussianBlur(_blur_kernel_size(size), sigma=tuple(blur_sigma))
+        steps.append(blur if blur_p >= 1.0 else v2.RandomApply([blur], p=blur_p))
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+    steps.append(_normalise())
+    return v2.Compose(steps)
+
+
+class _PerCropChains:
+    """One transforms.v2 chain per crop (the default implementation)."""
+
+    def __init__(self, global_crops_number, global_crop_size, global_crops_scale,
+                 local_crops_number, local_crop_size, local_crops_scale, blur_sigma):
+        first_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=1.0,
+                                      solarize_p=0.0, blur_sigma=blur_sigma)
+        other_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=0.1,
+                                      solarize_p=0.2, blur_sigma=blur_sigma)
+        local = _crop_pipeline(local_crop_size, local_crops_scale, blur_p=0.5, solarize_p=0.0,
+                               blur_sigma=blur_sigma)
+        self.pipelines = ([first_global] + [other_global] * (global_crops_number - 1)
+                          + [local] * local_crops_number)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [pipeline(image) for pipeline in self.pipelines]
 
 
 def _check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
@@ -64,11 +113,15 @@ class MultiCropAugmentation:
         local_crop_size: int,
         local_crops_scale: Sequence[float],
         blur_sigma: Sequence[float] = BLUR_SIGMA,
+        batched: bool = False,
     ) -> None:
         _check_crops("global", global_crops_number, global_crop_size, global_crops_scale, 1)
         _check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
         # Global crop 1 is always blurred; crop 2 (and any further) is rarely blurred
         # but may be solarized: the asymmetry is part of the DINO recipe.
+        self.per_crop = None if batched else _PerCropChains(
+            global_crops_number, global_crop_size, global_crops_scale, local_crops_number,
+            local_crop_size, local_crops_scale, blur_sigma)
         other_globals = global_crops_number - 1
         self.crop_groups = [CropGroup(global_crop_size, global_crops_scale,
                                       blur_p=[1.0] + [0.1] * other_globals,
@@ -85,6 +138,8 @@ class MultiCropAugmentation:
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         if image.dtype != torch.uint8 or image.ndim != 3:
             raise TypeError(f"expected a uint8 CHW image tensor, got {image.dtype} of shape {tuple(image.shape)}")
+        if self.per_crop is not None:
+            return self.per_crop(image)
         return [crop for group in self.crop_groups for crop in group(image)]
 
     def __len__(self) -> int:

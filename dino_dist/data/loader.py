@@ -61,7 +61,7 @@ def build_train_loader(
     augmentation = MultiCropAugmentation(
         cfg.global_crops_number, cfg.global_crop_size, cfg.global_crops_scale,
         cfg.local_crops_number, cfg.local_crop_size, cfg.local_crops_scale,
-        blur_sigma=cfg.blur_sigma,
+        blur_sigma=cfg.blur_sigma, batched=cfg.batched_crops,
     )
     dataset = MultiCropDataset(resolve_data_root(cfg), augmentation, seed)
     sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
