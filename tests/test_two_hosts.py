@@ -94,7 +94,7 @@ def test_two_hosts_two_processes_each_only_global_rank_0_writes(two_hosts, datas
     assert wait_all(agents, 240) == [0, 0], (tmp_path / "h0.log").read_text()[-3000:]
     run_a = workdirs[0] / "run"
     assert sorted(p.name for p in run_a.iterdir()) == [
-        "checkpoints", "config.yaml", "log.txt", "metrics.jsonl", "tb"]
+        "checkpoints", "config.yaml", "log.txt", "metrics.jsonl", "tb", "training_summary.json"]
     assert [r["step"] for r in metrics(run_a)] == list(range(1, 2 * IMAGES // 8 + 1))
     assert "rank 0 of 4" in (run_a / "log.txt").read_text()
     assert list(workdirs[1].iterdir()) == []  # host B's ranks (its local rank 0 too) wrote nothing
