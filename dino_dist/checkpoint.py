@@ -31,6 +31,9 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})(\.pt)?$")
 REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "config")
 
 
+COMMIT_MARKER = "COMMITTED.json"  # written last into a sharded checkpoint folder
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
@@ -184,7 +187,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def _description(path: Path) -> dict[str, Any]:
     """A checkpoint's manifest (file) or commit marker (folder), unchecked; {} if unreadable."""
-    small_file = path / "COMMITTED.json" if path.is_dir() else manifest_path(path)
+    small_file = path / COMMIT_MARKER if path.is_dir() else manifest_path(path)
     try:
         return json.loads(small_file.read_text())
     except (OSError, ValueError):
@@ -242,7 +245,7 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
         return []
     debris = [p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     debris += [p for p in list_checkpoints(directory)
-               if p.is_dir() and not (p / "COMMITTED.json").exists()]
+               if p.is_dir() and not (p / COMMIT_MARKER).exists()]
     for path in debris:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

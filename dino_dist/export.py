@@ -58,7 +58,7 @@ def sidecar(weights_file: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dino-export", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="step_XXXXXXXX.pt file or FSDP folder")
+    parser.add_argument("checkpoint", type=Path, help="a step_<8 digits>.pt file or an FSDP step_<8 digits> folder")
     parser.add_argument("--output", type=Path, default=None,
                         help="default: <which>_backbone_step<N>.pth next to the run directory")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",

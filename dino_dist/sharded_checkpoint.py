@@ -28,11 +28,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from dino_dist.checkpoint import CheckpointError, FORMAT_VERSION, atomic_write, fsync_dir
+from dino_dist.checkpoint import (COMMIT_MARKER, FORMAT_VERSION, CheckpointError, atomic_write,
+                                  fsync_dir)
 from dino_dist.dist import barrier, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
-MARKER = "COMMITTED.json"
+MARKER = COMMIT_MARKER
 EXTRA_STATE = "state.pt"
 WEIGHT_KEYS = ("student", "teacher", "optimizer")
 

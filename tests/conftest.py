@@ -1,7 +1,9 @@
 """Shared test helpers: tiny real image folders on disk and real training subprocesses."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +69,13 @@ def child_pids(parent_pid: int) -> list[int]:
             if int(fields[1]) == parent_pid:
                 children.append(int(entry.name))
     return sorted(children)
+
+
+def kill_pids(pids) -> None:
+    """SIGKILL each pid; one that already exited is fine."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def free_port() -> int:

@@ -5,9 +5,7 @@ Real torchrun/gloo processes on CPU, real PNG files, real checkpoint folders on 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,8 +17,8 @@ import torch
 from dino_dist.export import export, sidecar
 from dino_dist.models import build_backbone
 from dino_dist.sharded_checkpoint import MARKER, read_full
-from tests.conftest import (REPO, child_pids, free_port, max_relative_error, run_train,
-                            subprocess_env, tiny_overrides, write_image_folder)
+from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,
+                            run_train, subprocess_env, tiny_overrides, write_image_folder)
 
 STEPS = 6  # 64 images, 8 per optimizer step: 8 steps per epoch
 
@@ -123,11 +121,7 @@ def test_sigkill_during_fsdp_saves_never_prevents_resuming(dataset, tmp_path):
                 folders = [p for p in (out / "checkpoints").glob("step_*") if p.is_dir()] \
                     if (out / "checkpoints").is_dir() else []
                 if any(not (p / MARKER).exists() for p in folders):
-                    for pid in [*child_pids(agent.pid), agent.pid]:  # the agent and both workers
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
+                    kill_pids([*child_pids(agent.pid), agent.pid])  # agent and both workers
                     kills += 1
                     break
                 time.sleep(0.02)

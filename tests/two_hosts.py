@@ -7,14 +7,12 @@ the pytest fixture calls it also when a test fails.
 """
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, kill_pids, subprocess_env
 
 
 class NamespacesUnavailable(RuntimeError):
@@ -84,11 +82,7 @@ class TwoHosts:
         own, so a process group would miss them; the namespace does not)."""
         pids = subprocess.run(["ip", "netns", "pids", host.namespace], capture_output=True,
                               text=True).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids(pids)
         for process in self.processes:
             if process.args[3] == host.namespace:
                 process.wait()

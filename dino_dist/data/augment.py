@@ -87,6 +87,25 @@ class _PerCropChains:
         return [pipeline(image) for pipeline in self.pipelines]
 
 
+class _BatchedGroups:
+    """The crops of each size augmented as one batch (data.batched_crops=true)."""
+
+    def __init__(self, global_crops_number, global_crop_size, global_crops_scale,
+                 local_crops_number, local_crop_size, local_crops_scale, blur_sigma):
+        other_globals = global_crops_number - 1
+        self.groups = [CropGroup(global_crop_size, global_crops_scale,
+                                 blur_p=[1.0] + [0.1] * other_globals,
+                                 solarize_p=[0.0] + [0.2] * other_globals, blur_sigma=blur_sigma)]
+        if local_crops_number:
+            self.groups.append(CropGroup(local_crop_size, local_crops_scale,
+                                         blur_p=[0.5] * local_crops_number,
+                                         solarize_p=[0.0] * local_crops_number,
+                                         blur_sigma=blur_sigma))
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        return [crop for group in self.groups for crop in group(image)]
+
+
 def _check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
     # Imported here: folder.py imports this module, so a top-level import would be circular.
     from .folder import DataError
@@ -119,31 +138,20 @@ class MultiCropAugmentation:
         _check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
         # Global crop 1 is always blurred; crop 2 (and any further) is rarely blurred
         # but may be solarized: the asymmetry is part of the DINO recipe.
-        self.per_crop = None if batched else _PerCropChains(
-            global_crops_number, global_crop_size, global_crops_scale, local_crops_number,
-            local_crop_size, local_crops_scale, blur_sigma)
-        other_globals = global_crops_number - 1
-        self.crop_groups = [CropGroup(global_crop_size, global_crops_scale,
-                                      blur_p=[1.0] + [0.1] * other_globals,
-                                      solarize_p=[0.0] + [0.2] * other_globals,
-                                      blur_sigma=blur_sigma)]
-        if local_crops_number:
-            self.crop_groups.append(CropGroup(local_crop_size, local_crops_scale,
-                                              blur_p=[0.5] * local_crops_number,
-                                              solarize_p=[0.0] * local_crops_number,
-                                              blur_sigma=blur_sigma))
+        chosen = _BatchedGroups if batched else _PerCropChains
+        self.make_crops = chosen(global_crops_number, global_crop_size, global_crops_scale,
+                                 local_crops_number, local_crop_size, local_crops_scale,
+                                 blur_sigma)
         self.global_crops_number = global_crops_number
         self.local_crops_number = local_crops_number
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         if image.dtype != torch.uint8 or image.ndim != 3:
             raise TypeError(f"expected a uint8 CHW image tensor, got {image.dtype} of shape {tuple(image.shape)}")
-        if self.per_crop is not None:
-            return self.per_crop(image)
-        return [crop for group in self.crop_groups for crop in group(image)]
+        return self.make_crops(image)
 
     def __len__(self) -> int:
-        return sum(len(group) for group in self.crop_groups)
+        return self.global_crops_number + self.local_crops_number
 
 
 def eval_transform(image_size: int) -> v2.Compose:
