@@ -3,7 +3,7 @@
 Each test submits a tiny CPU training, signals it the way a cluster does, and checks that
 the run stopped at a step boundary with a checkpoint of that step, requeued itself, resumed
 from it and logged every step exactly once. The figures for the README's closing note (seconds
-from the signal to the committed checkpoint, steps lost) are printed with `-s`.
+from the signal to the committed checkpoint, steps lost) are printed with `-n 0 -s`.
 """
 from __future__ import annotations
 
@@ -144,18 +144,20 @@ def test_two_task_job_saves_on_signal_requeues_and_completes(slurm, images, tmp_
 def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, tmp_path):
     """--timeout-min 1: SLURM's own USR2 before the limit stops, saves and requeues the run,
     as often as needed; the final checkpoint equals a run that was never stopped."""
-    images = write_image_folder(tmp_path / "images", per_class=256)
+    images = write_image_folder(tmp_path / "images", per_class=64)
     # slurmctld checks time limits every 30 s and sends USR2@N at the first check past
-    # limit - N - 30 s: here 25-55 s into an allocation. 64 steps per epoch, 1344 steps
-    # (about 60 s alone on 2 cores) cannot be done by then. A small N also makes the next
-    # allocation, which starts ~8 s after a check, skip the check at 22 s and run to ~52 s.
+    # limit - N - 30 s: here 25-55 s into an allocation. 16 steps per epoch, 336 steps, each
+    # stretched by a 0.15 s sleep (about 65 s in all, little of it CPU) cannot be done by
+    # then. A small N also makes the next allocation, which starts ~8 s after a check, skip
+    # the check at 22 s and run to ~52 s.
     extra = {"train.epochs": 21, "data.num_workers": 1, "checkpoint.keep_last": 2}
     slurm_dir, plain_dir = tmp_path / "slurm_run", tmp_path / "plain_run"
     waiting = subprocess.Popen(
         [sys.executable, "launch/submit.py", "--wait", "--config", "configs/demo.yaml",
          "--timeout-min", "1", "--signal-delay-s", "5", "--max-requeues", "30",
          *tiny_overrides(images, slurm_dir, **extra)],
-        cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env={**subprocess_env(), "DINO_DIST_TEST_STEP_DELAY_S": "0.15"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = re.search(r"job id: (\d+)", waiting.stdout.readline()).group(1)
     plain = subprocess.Popen([sys.executable, "-m", "dino_dist.train", "--config",
                               "configs/demo.yaml", *tiny_overrides(images, plain_dir, **extra)],
@@ -174,8 +176,8 @@ def test_time_limit_requeues_until_done_and_matches_an_uninterrupted_run(slurm, 
     log = (slurm_dir / "log.txt").read_text()
     for _, step in stops:
         assert f"resumed from {slurm_dir}/checkpoints/step_{step:08d}.pt" in log
-    assert logged_steps(slurm_dir) == list(range(1, 1345))
-    final = "checkpoints/step_00001344.pt"
+    assert logged_steps(slurm_dir) == list(range(1, 337))
+    final = "checkpoints/step_00000336.pt"
     a = torch.load(slurm_dir / final, weights_only=True)
     b = torch.load(plain_dir / final, weights_only=True)
     for part in ("student", "teacher"):
