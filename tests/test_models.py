@@ -448,3 +448,28 @@ def test_param_groups_for_weight_decay():
         assert id(named[name]) in decay_ids, name
     # Frozen weight_g is left out entirely.
     assert id(named["head.last_layer.weight_g"]) not in decay_ids + no_decay_ids
+
+
+def test_compiled_blocks_with_their_own_drop_path_rates_share_one_graph():
+    """Each block has its own rate; compile must not specialise on it (with a second crop
+    size, 10 blocks passed the recompile limit and the rest silently ran eager)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=10, num_heads=2,
+                              drop_path_rate=0.2)
+    batches = [torch.randn(4, 3, size, size) for size in (32, 16, 32, 16)]
+    eager = []
+    for seed, images in enumerate(batches):
+        torch.manual_seed(seed)
+        eager.append(model(images))
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for block in model.blocks:
+                block.compile(backend="aot_eager")  # the guards, not the kernels, are tested
+            for seed, images in enumerate(batches):
+                torch.manual_seed(seed)
+                compiled = model(images)
+                compiled.sum().backward()
+                torch.testing.assert_close(compiled, eager[seed])
+    finally:
+        torch._dynamo.reset()

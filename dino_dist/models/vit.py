@@ -17,7 +17,10 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     """Zero whole samples of a residual branch and rescale the survivors."""
     if drop_prob == 0.0 or not training:
         return x
-    keep_prob = 1.0 - drop_prob
+    return _keep_samples(x, 1.0 - drop_prob)
+
+
+def _keep_samples(x: torch.Tensor, keep_prob: float | torch.Tensor) -> torch.Tensor:
     # One Bernoulli draw per sample, broadcast over all remaining dims.
     mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     keep_mask = torch.floor(keep_prob + torch.rand(mask_shape, dtype=x.dtype, device=x.device))
@@ -30,9 +33,17 @@ class DropPath(nn.Module):
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = float(drop_prob)
+        self.active = self.drop_prob > 0.0
+        # The forward reads the keep rate from a tensor: torch.compile guards on Python
+        # floats, so each block's own rate cost a recompile, and past the recompile limit
+        # (8) the remaining blocks silently ran eager. Computed in double and rounded once,
+        # as a Python float is inside the kernel; non-persistent: not in the state_dict.
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+        if not (self.active and self.training):
+            return x
+        return _keep_samples(x, self.keep_prob)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.4f}"
