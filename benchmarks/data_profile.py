@@ -49,7 +49,7 @@ def main() -> int:
     for name in STEPS:
         setattr(crop_group, name, timing(spent, name, getattr(crop_group, name)))
     crop_group.CropGroup._cut = timing(spent, "cut", crop_group.CropGroup._cut)
-    augmentation = MultiCropAugmentation(2, 224, (0.4, 1.0), 10, 96, (0.05, 0.4))
+    augmentation = MultiCropAugmentation(2, 224, (0.4, 1.0), 10, 96, (0.05, 0.4), batched=True)
     reference = ReferenceMultiCrop((0.4, 1.0), (0.05, 0.4), 10)
     ours = timing(spent, "project_total", lambda f: augmentation(timing(spent, "decode", decode_rgb)(f)))
     theirs = timing(spent, "reference_total", lambda f: reference(timing(spent, "pil_load", pil_loader)(f)))
