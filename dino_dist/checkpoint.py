@@ -15,13 +15,13 @@ import os
 import random
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dino_dist.delays import pause_if_set
 from dino_dist.dist import all_gather_objects, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
@@ -60,7 +60,7 @@ def atomic_write(path: Path, write) -> None:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            _test_delay()
+            pause_if_set("DINO_DIST_TEST_SAVE_DELAY_S")
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -101,13 +101,6 @@ def _save_tensors(state: dict[str, Any], file) -> _HashingWriter:
             raise writer.error from None
         raise
     return writer
-
-
-def _test_delay() -> None:
-    """Fault tests stretch the write so a kill can land inside it; never set in normal runs."""
-    delay = float(os.environ.get("DINO_DIST_TEST_SAVE_DELAY_S", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
 
 
 def fsync_dir(directory: Path) -> None:

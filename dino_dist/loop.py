@@ -8,12 +8,12 @@ step boundary, on all ranks together, with a checkpoint at that step.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from dino_dist.config import Config
+from dino_dist.delays import pause_if_set
 from dino_dist.dist import DistEnv
 from dino_dist.engine import DinoEngine, StepResult
 from dino_dist.stop import STOP_REQUEST
@@ -104,7 +104,7 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
                                   sync_grads=j == group - 1, skipped_images=skipped)
             result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
-            _test_step_delay()
+            pause_if_set("DINO_DIST_TEST_STEP_DELAY_S")
             pos = pos.after_step(result.images)
             meter.add_images(result.images)
             images += result.images
@@ -125,15 +125,6 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
             if early_stop:
                 return LoopEnd(pos, None, early_stop, images)
     return LoopEnd(pos, None, images=images)
-
-
-def _test_step_delay() -> None:
-    """Tests that need a run to last a while (a SLURM time limit) stretch each step with a
-    sleep instead of more steps, so the run holds wall time but little CPU; never set in
-    normal runs."""
-    delay = float(os.environ.get("DINO_DIST_TEST_STEP_DELAY_S", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
 
 
 def _log_step(engine: DinoEngine, metrics: MetricsWriter, meter: ThroughputMeter,
