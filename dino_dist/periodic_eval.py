@@ -171,11 +171,8 @@ class PeriodicEvaluation:
         evaluation, the current center and teacher temperature; sharded over the ranks."""
         d = self.cfg.data
         if self._val_set is None:
-            augmentation = MultiCropAugmentation(
-                d.global_crops_number, d.global_crop_size, d.global_crops_scale,
-                d.local_crops_number, d.local_crop_size, d.local_crops_scale,
-                blur_sigma=d.blur_sigma)
-            self._val_set = MultiCropDataset(self.val_loss_dir, augmentation, self.cfg.train.seed)
+            self._val_set = MultiCropDataset(self.val_loss_dir, MultiCropAugmentation.from_config(d),
+                                             self.cfg.train.seed)
         shard = [(0, i) for i in range(self.env.rank, len(self._val_set), self.env.world_size)]
         loader = DataLoader(Subset(self._val_set, shard), batch_size=self.cfg.eval.batch_size,
                             collate_fn=collate_multicrop)

@@ -38,7 +38,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 
 
 def small_augmentation(n_global: int = 2, n_local: int = 3) -> MultiCropAugmentation:
-    return MultiCropAugmentation(n_global, GLOBAL_SIZE, [0.4, 1.0], n_local, LOCAL_SIZE, [0.05, 0.4])
+    return MultiCropAugmentation(n_global, GLOBAL_SIZE, [0.4, 1.0], n_local, LOCAL_SIZE, [0.05, 0.4],
+                                 batched=False)
 
 
 def write_image(path: Path, seed: int, size: int = 20, fmt: str | None = None) -> None:
@@ -85,9 +86,9 @@ def test_crops_have_expected_count_size_dtype_and_normalisation():
 
 def test_augmentation_rejects_bad_settings():
     with pytest.raises(DataError, match="global_crops_scale"):
-        MultiCropAugmentation(2, 24, [0.0, 1.0], 0, 12, [0.05, 0.4])
+        MultiCropAugmentation(2, 24, [0.0, 1.0], 0, 12, [0.05, 0.4], batched=False)
     with pytest.raises(DataError, match="global_crops_number"):
-        MultiCropAugmentation(0, 24, [0.4, 1.0], 2, 12, [0.05, 0.4])
+        MultiCropAugmentation(0, 24, [0.4, 1.0], 2, 12, [0.05, 0.4], batched=False)
 
 
 def test_eval_transform_output_shape_and_dtype():

@@ -20,11 +20,7 @@ from dino_dist.data.folder import MultiCropDataset, find_images
 
 
 def project_sampler(data_cfg: Any, root: Path) -> Callable[[int], list]:
-    augmentation = MultiCropAugmentation(
-        data_cfg.global_crops_number, data_cfg.global_crop_size, data_cfg.global_crops_scale,
-        data_cfg.local_crops_number, data_cfg.local_crop_size, data_cfg.local_crops_scale,
-        blur_sigma=data_cfg.blur_sigma, batched=data_cfg.batched_crops)
-    dataset = MultiCropDataset(root, augmentation, seed=0)
+    dataset = MultiCropDataset(root, MultiCropAugmentation.from_config(data_cfg), seed=0)
     # The real path: decode, per-sample RNG seeding, every crop.
     return lambda index: dataset[(0, index % len(dataset))][0]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -132,7 +133,8 @@ class MultiCropAugmentation:
         local_crop_size: int,
         local_crops_scale: Sequence[float],
         blur_sigma: Sequence[float] = BLUR_SIGMA,
-        batched: bool = False,
+        *,
+        batched: bool,
     ) -> None:
         _check_crops("global", global_crops_number, global_crop_size, global_crops_scale, 1)
         _check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
@@ -144,6 +146,13 @@ class MultiCropAugmentation:
                                  blur_sigma)
         self.global_crops_number = global_crops_number
         self.local_crops_number = local_crops_number
+
+    @classmethod
+    def from_config(cls, data: Any) -> "MultiCropAugmentation":
+        """The augmentation a run's `data` settings describe (training, validation loss, bench)."""
+        return cls(data.global_crops_number, data.global_crop_size, data.global_crops_scale,
+                   data.local_crops_number, data.local_crop_size, data.local_crops_scale,
+                   blur_sigma=data.blur_sigma, batched=data.batched_crops)
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         if image.dtype != torch.uint8 or image.ndim != 3:

@@ -58,12 +58,7 @@ def build_train_loader(
 ) -> tuple[DataLoader, ShardedEpochSampler, MultiCropDataset]:
     """DataLoader yielding (crops, labels, skipped) batches of `batch_size` for this rank."""
     _check_loader_settings(cfg, batch_size)
-    augmentation = MultiCropAugmentation(
-        cfg.global_crops_number, cfg.global_crop_size, cfg.global_crops_scale,
-        cfg.local_crops_number, cfg.local_crop_size, cfg.local_crops_scale,
-        blur_sigma=cfg.blur_sigma, batched=cfg.batched_crops,
-    )
-    dataset = MultiCropDataset(resolve_data_root(cfg), augmentation, seed)
+    dataset = MultiCropDataset(resolve_data_root(cfg), MultiCropAugmentation.from_config(cfg), seed)
     sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
     if sampler.samples_per_rank < batch_size:
         raise DataError(
