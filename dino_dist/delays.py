@@ -10,7 +10,11 @@ import os
 import time
 
 
+def pause_seconds(variable: str) -> float:
+    return float(os.environ.get(variable, "0") or 0)
+
+
 def pause_if_set(variable: str) -> None:
-    seconds = float(os.environ.get(variable, "0") or 0)
+    seconds = pause_seconds(variable)
     if seconds > 0:
         time.sleep(seconds)

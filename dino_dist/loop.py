@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dino_dist.config import Config
-from dino_dist.delays import pause_if_set
+from dino_dist.delays import pause_seconds
 from dino_dist.dist import DistEnv
 from dino_dist.engine import DinoEngine, StepResult
 from dino_dist.stop import STOP_REQUEST
@@ -89,6 +89,7 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
     pos, meter, run_start = start, ThroughputMeter(), time.perf_counter()
     reporter = StepReporter(cfg, engine, sampler.dataset_len)
     images = 0
+    step_pause = pause_seconds("DINO_DIST_TEST_STEP_DELAY_S")  # read once: not per step
     while not training_done(cfg, pos):
         sampler.set_epoch(pos.epoch, consumed=min(pos.epoch_samples, sampler.dataset_len))
         micro_left = len(sampler) // batch
@@ -104,7 +105,8 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
                                   sync_grads=j == group - 1, skipped_images=skipped)
             result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
-            pause_if_set("DINO_DIST_TEST_STEP_DELAY_S")
+            if step_pause:
+                time.sleep(step_pause)
             pos = pos.after_step(result.images)
             meter.add_images(result.images)
             images += result.images
