@@ -28,16 +28,16 @@ def _keep_samples(x: torch.Tensor, keep_prob: float | torch.Tensor) -> torch.Ten
 
 
 class DropPath(nn.Module):
-    """Stochastic depth; holds no state so it never shows up in a state_dict."""
+    """Stochastic depth; nothing of it shows up in a state_dict."""
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = float(drop_prob)
+        # The forward reads only a bool and a tensor: torch.compile guards on Python floats,
+        # so each block's own rate cost a recompile, and past the recompile limit (8) the
+        # remaining blocks silently ran eager. The keep rate is computed in double and rounded
+        # once, as a Python float is inside the kernel; non-persistent: not in the state_dict.
         self.active = self.drop_prob > 0.0
-        # The forward reads the keep rate from a tensor: torch.compile guards on Python
-        # floats, so each block's own rate cost a recompile, and past the recompile limit
-        # (8) the remaining blocks silently ran eager. Computed in double and rounded once,
-        # as a Python float is inside the kernel; non-persistent: not in the state_dict.
         self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
