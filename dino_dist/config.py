@@ -363,6 +363,9 @@ def validate(cfg: Config) -> None:
             _check(cfg, key, lambda v: v % cfg.model.patch_size == 0,
                    f"must be a multiple of model.patch_size ({cfg.model.patch_size})")
     _validate_lr_schedule(cfg)
+    if bool(cfg.eval.train_path) != bool(cfg.eval.val_path):
+        raise ConfigError("eval.train_path and eval.val_path go together (labelled ImageFolder "
+                          "trees for k-NN): set both, or neither")
     if cfg.data.global_crops_number + cfg.data.local_crops_number < 2:
         raise ConfigError("DINO needs at least 2 crops: raise data.global_crops_number "
                           "or data.local_crops_number")

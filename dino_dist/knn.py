@@ -5,26 +5,64 @@ features are gathered on every rank, so `dino-knn` under torchrun is N times fas
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from dino_dist.dist import DistEnv, all_gather_objects
 
 
+def rank_batches(num_items: int, env: DistEnv, batch_size: int) -> tuple[list[list[int]], int]:
+    """This rank's share of the items in batches (every world_size-th item), and how many
+    stand-in batches it must run on top so that every rank runs as many forwards.
+
+    A sharded (FSDP) forward is a collective: a rank that ran one batch fewer would leave
+    the others waiting in an all-gather.
+    """
+    shard = list(range(env.rank, num_items, env.world_size))
+    batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    per_rank = -(-(-(-num_items // env.world_size)) // batch_size)
+    return batches, per_rank - len(batches)
+
+
+@contextlib.contextmanager
+def live_backbone(model: nn.Module):
+    """Images -> backbone features of a training model (MultiCropWrapper), sharded or not,
+    in eval mode; the model's mode is restored and a sharded root's parameters released."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield lambda images: model(images, backbone_only=True)
+    finally:
+        model.train(was_training)
+        if hasattr(model, "reshard"):  # an FSDP2 root keeps its gathered parameters
+            model.reshard()
+
+
 @torch.no_grad()
-def extract_features(backbone: nn.Module, dataset, env: DistEnv, batch_size: int,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] L2-normalised, labels [N]) for the whole dataset, on every rank."""
-    backbone.eval()
-    shard = list(range(env.rank, len(dataset), env.world_size))
-    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, num_workers=num_workers)
+def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], dataset, env: DistEnv,
+                     batch_size: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D] L2-normalised, labels [N]) for the whole dataset, on every rank.
+
+    `backbone` maps an image batch to features (a bare backbone, or `live_backbone(model)`);
+    a bare module is put in eval mode.
+    """
+    if isinstance(backbone, nn.Module):
+        backbone.eval()
+    batches, stand_ins = rank_batches(len(dataset), env, batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
     features, labels = [], []
     for images, targets in loader:
         out = backbone(images.to(env.device)).float()
         features.append(F.normalize(out, dim=1).cpu())
         labels.append(torch.as_tensor(targets))
+    for _ in range(stand_ins):  # output dropped: only keeps the collectives in step
+        backbone(dataset[0][0].unsqueeze(0).to(env.device))
+    shard = [i for batch in batches for i in batch]
     local = (torch.tensor(shard, dtype=torch.long),
              torch.cat(features) if features else torch.empty(0),
              torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
@@ -59,7 +97,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor,
     return 100.0 * top1 / n, 100.0 * top5 / n
 
 
-def knn_accuracy(backbone: nn.Module, train_set, val_set, env: DistEnv, k: int,
+def knn_accuracy(backbone: Callable[[torch.Tensor], torch.Tensor], train_set, val_set, env: DistEnv, k: int,
                  temperature: float, batch_size: int, num_workers: int = 0) -> tuple[float, float]:
     train_f, train_l = extract_features(backbone, train_set, env, batch_size, num_workers)
     val_f, val_l = extract_features(backbone, val_set, env, batch_size, num_workers)

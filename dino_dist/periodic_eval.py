@@ -14,15 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from dino_dist.checkpoint import rng_state, set_rng_state
 from dino_dist.config import Config, ConfigError
-from dino_dist.data import (LabelledImageDataset, MultiCropAugmentation, MultiCropDataset,
-                            collate_multicrop, demo_val_root, eval_transform)
+from dino_dist.data import MultiCropAugmentation, MultiCropDataset, collate_multicrop, demo_val_root
 from dino_dist.dist import DistEnv, all_reduce_sum_, broadcast_object
-from dino_dist.final_eval import knn_folders
-from dino_dist.knn import knn_accuracy
+from dino_dist.knn import knn_accuracy, live_backbone, rank_batches
 
 LOG = logging.getLogger("dino_dist")
 LOWER_IS_BETTER = ("val_loss",)
@@ -58,23 +56,31 @@ def resolve_mode(metric: str, mode: str = "auto") -> str:
 
 
 class PeriodicEvaluation:
-    def __init__(self, cfg: Config, env: DistEnv, engine, teacher):
+    def __init__(self, cfg: Config, env: DistEnv, engine, teacher, knn_sets=None):
+        """`knn_sets`: final_eval.knn_datasets(cfg), scanned once for this and the end report."""
         self.cfg, self.env, self.engine, self.teacher = cfg, env, engine, teacher
         self.every = cfg.eval.every_epochs
         e = cfg.eval
-        self.knn_dirs = knn_folders(cfg) if (e.train_path and e.val_path) or cfg.data.path == "demo" else None
+        self.knn_sets = knn_sets
         self.val_loss_dir = Path(e.val_loss_path) if e.val_loss_path else \
             (demo_val_root(cfg.data) if cfg.data.path == "demo" else None)
-        available = (["knn_top1", "knn_top5"] if self.knn_dirs else []) + \
+        available = (["knn_top1", "knn_top5"] if self.knn_sets else []) + \
             (["val_loss"] if self.val_loss_dir else [])
         self._check_settings(available)
+        if self.every and not available:
+            LOG.warning("eval.every_epochs=%d, but there is nothing to evaluate on, so no "
+                        "evaluation runs during training: set eval.train_path and "
+                        "eval.val_path (labelled ImageFolder trees) for k-NN, or "
+                        "eval.val_loss_path (held-out images) for a validation loss",
+                        self.every)
+            self.every = 0
         best_metric = e.best_metric if e.best_metric != "auto" else (available[0] if available else "")
         self.best = MetricTracker(best_metric, resolve_mode(best_metric)) if self.every and best_metric else None
         stop = cfg.train.early_stopping
         self.early = MetricTracker(stop.metric, resolve_mode(stop.metric, stop.mode),
                                    stop.min_delta) if stop.enabled else None
         self.last_improved_step = -1  # the step whose state is the new best: save it
-        self._knn_sets = self._val_set = None
+        self._val_set = None
 
     def _check_settings(self, available: list[str]) -> None:
         e, stop = self.cfg.eval, self.cfg.train.early_stopping
@@ -147,7 +153,7 @@ class PeriodicEvaluation:
             module.eval()
         try:
             values = {}
-            if self.knn_dirs:
+            if self.knn_sets:
                 values.update(self._knn())
             if self.val_loss_dir:
                 values["val_loss"] = self._val_loss(schedule_step)
@@ -158,11 +164,9 @@ class PeriodicEvaluation:
 
     def _knn(self) -> dict:
         e = self.cfg.eval
-        if self._knn_sets is None:
-            transform = eval_transform(e.image_size)
-            self._knn_sets = [LabelledImageDataset(d, transform) for d in self.knn_dirs]
-        top1, top5 = knn_accuracy(self.teacher.backbone, *self._knn_sets, self.env, e.knn_k,
-                                  e.knn_temperature, e.batch_size)
+        with live_backbone(self.teacher) as teacher_backbone:
+            top1, top5 = knn_accuracy(teacher_backbone, *self.knn_sets, self.env, e.knn_k,
+                                      e.knn_temperature, e.batch_size)
         return {"knn_top1": top1, "knn_top5": top5}
 
     @torch.no_grad()
@@ -173,20 +177,29 @@ class PeriodicEvaluation:
         if self._val_set is None:
             self._val_set = MultiCropDataset(self.val_loss_dir, MultiCropAugmentation.from_config(d),
                                              self.cfg.train.seed)
-        shard = [(0, i) for i in range(self.env.rank, len(self._val_set), self.env.world_size)]
-        loader = DataLoader(Subset(self._val_set, shard), batch_size=self.cfg.eval.batch_size,
+        batches, stand_ins = rank_batches(len(self._val_set), self.env, self.cfg.eval.batch_size)
+        loader = DataLoader(self._val_set, batch_sampler=[[(0, i) for i in b] for b in batches],
                             collate_fn=collate_multicrop)
         engine = self.engine
         temp = float(engine.schedules.teacher_temp[min(schedule_step, engine.schedules.total_steps - 1)])
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for crops, _labels, _skipped in loader:
-            crops = [c.to(self.env.device) for c in crops]
-            with engine.autocast():
-                teacher_out = self.teacher(crops[: d.global_crops_number])
-                student_out = engine.student_module(crops)
-                loss = engine.loss_fn(student_out, teacher_out, temp, len(crops))
-            total += torch.stack((loss.double() * len(crops[0]),
-                                  torch.tensor(len(crops[0]), dtype=torch.float64,
-                                               device=self.env.device)))
+            loss, images = self._loss_of(crops, temp)
+            total += torch.stack((loss.double() * images,
+                                  torch.tensor(images, dtype=torch.float64, device=self.env.device)))
+        for _ in range(stand_ins):  # dropped: keeps a sharded model's collectives in step
+            self._loss_of(collate_multicrop([self._val_set[(0, 0)]])[0], temp)
+        for model in (self.teacher, engine.student_module):
+            if hasattr(model, "reshard"):  # an FSDP2 root keeps its gathered parameters
+                model.reshard()
         loss_sum, count = all_reduce_sum_(total).tolist()
         return loss_sum / max(count, 1)
+
+    def _loss_of(self, crops: list[torch.Tensor], temp: float) -> tuple[torch.Tensor, int]:
+        crops = [c.to(self.env.device) for c in crops]
+        engine = self.engine
+        with engine.autocast():
+            teacher_out = self.teacher(crops[: self.cfg.data.global_crops_number])
+            student_out = engine.student_module(crops)
+            loss = engine.loss_fn(student_out, teacher_out, temp, len(crops))
+        return loss, len(crops[0])

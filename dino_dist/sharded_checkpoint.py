@@ -202,14 +202,39 @@ def load_weights(folder: Path, engine) -> None:
     """Read the student, teacher and optimizer into the run's current layout (any world size,
     sharded or not): DCP reshards by the tensors' global offsets."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     weights = dcp_state(engine)
+    weights["optimizer"] = only_saved_parameter_states(weights["optimizer"], saved_keys(folder))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(weights, checkpoint_id=str(folder), no_dist=not _distributed())
     set_model_state_dict(engine.student_module, weights["student"])
     set_model_state_dict(engine.teacher, weights["teacher"])
-    set_optimizer_state_dict(engine.student_module, engine.optimizer, weights["optimizer"])
+    # Not strict: parameters without a saved state (see above) stay without one.
+    set_optimizer_state_dict(engine.student_module, engine.optimizer, weights["optimizer"],
+                             options=StateDictOptions(strict=False))
+
+
+def saved_keys(folder: Path) -> set[str]:
+    """The flattened keys (`optimizer.state.<param>.exp_avg`, ...) a DCP folder holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+    return set(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def only_saved_parameter_states(optimizer_state: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """Drop the per-parameter optimizer states the checkpoint does not hold.
+
+    A parameter that never had a gradient (the last layer while `optim.freeze_last_layer`
+    holds it) has no AdamW state when the folder is saved, but a fresh optimizer's DCP state
+    dict asks for one for every parameter. Loading without it leaves that parameter with no
+    state, exactly as in the run that was never stopped.
+    """
+    saved_params = {key[len("optimizer.state."):].rsplit(".", 1)[0] for key in keys
+                    if key.startswith("optimizer.state.")}
+    state = {name: value for name, value in optimizer_state["state"].items()
+             if name in saved_params}
+    return {**optimizer_state, "state": state}
 
 
 def read_full(folder: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dino_dist.data import DataError, ensure_demo_dataset, resolve_data_root
 from dino_dist.dist import (DistEnv, barrier, describe_collective_failure, init_distributed,
                             set_collective_timeout, teardown)
 from dino_dist.engine import NonFiniteLossError
-from dino_dist.final_eval import report_knn_at_end
+from dino_dist.final_eval import knn_datasets, plan_knn_at_end, report_knn_at_end
 from dino_dist.loop import LoopEnd, Position, train_loop
 from dino_dist.schedules import total_batch_size
 from dino_dist.sharded_checkpoint import load_weights as load_sharded_weights
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.train.device, timeout_s=max(STARTUP_TIMEOUT_S, cfg.train.dist_timeout_s))
     try:
         end = run(cfg, env)
+        # Leave together: a rank that tore its process group down while another was still
+        # finishing (writing the summary) was seen to abort at exit (SIGABRT) under FSDP.
+        barrier()
         ignore_stop_signals()  # nothing left to save: a late signal must not kill the exit
         if end.stop_reason:
             return after_stop(end.stop_reason, end.position.step, env.is_main,
@@ -113,9 +116,11 @@ def run(cfg: Config, env: DistEnv) -> LoopEnd:
     barrier()
     LOG.info("rank %d of %d on %s; output in %s", env.rank, env.world_size, env.device, output_dir)
     run_start = time.perf_counter()
+    knn_sets = knn_datasets(cfg)  # a bad evaluation folder stops the run before training
+    knn_at_end = plan_knn_at_end(cfg, knn_sets)
     training = build_training(cfg, env)
     engine = training.engine
-    evaluation = PeriodicEvaluation(cfg, env, engine, training.teacher)
+    evaluation = PeriodicEvaluation(cfg, env, engine, training.teacher, knn_sets)
     start = resume_if_possible(cfg, engine, output_dir / "checkpoints", env, evaluation)
     set_collective_timeout(cfg.train.dist_timeout_s)  # start-up is over: detect dead ranks fast
     metrics = MetricsWriter(output_dir, env.is_main, cfg.log.tensorboard)
@@ -171,15 +176,24 @@ def run(cfg: Config, env: DistEnv) -> LoopEnd:
         if end.stop_reason:
             LOG.info("stopped at step %d (%s); the checkpoint of this step is committed and "
                      "a restart continues from it", end.position.step, end.stop_reason)
-        elif cfg.eval.knn_at_end:
-            report_knn_at_end(cfg, env, training.teacher, metrics, end.position.step)
+        elif knn_at_end:
+            try:
+                report_knn_at_end(cfg, env, training.teacher, knn_sets, metrics,
+                                  end.position.step)
+            except (DataError, OSError) as err:  # training succeeded: report, do not fail
+                LOG.warning("the end-of-run k-NN failed (%s); the final checkpoint is "
+                            "committed: evaluate it with dino-knn --checkpoint", err)
         if env.is_main:
             final = {k: v for k, v in metrics.latest.items() if k != "warnings"}
             best = evaluation.state_dict()["best"]
-            path = write_summary(output_dir, build_summary(
-                cfg, end, start.step, time.perf_counter() - run_start, loop_time,
-                env.world_size, best, final))
-            LOG.info("wrote %s (%s)", path, end.early_stop or end.stop_reason or "completed")
+            try:
+                path = write_summary(output_dir, build_summary(
+                    cfg, end, start.step, time.perf_counter() - run_start, loop_time,
+                    env.world_size, best, final))
+                LOG.info("wrote %s (%s)", path, end.early_stop or end.stop_reason or "completed")
+            except OSError as err:  # the checkpoint is committed: the run is not lost
+                LOG.warning("cannot write %s (%s); the final checkpoint is committed",
+                            output_dir / "training_summary.json", err.strerror or err)
     finally:
         metrics.close()
         if sys.exc_info()[0] is not None:

@@ -127,6 +127,15 @@ def max_relative_error(a: dict, b: dict) -> tuple[float, str]:
     return worst, worst_key
 
 
+def state_at(run_dir: Path, step: int) -> dict:
+    """The checkpoint of `step` in a run directory, as whole tensors (DDP file or FSDP folder)."""
+    from dino_dist.sharded_checkpoint import read_full
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    if folder.is_dir():
+        return read_full(folder)
+    return torch.load(folder.with_name(folder.name + ".pt"), weights_only=True)
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")

@@ -27,7 +27,8 @@ def test_tracker_counts_evaluations_without_improvement():
 def test_early_stopping_without_a_measured_metric_is_refused(tmp_path):
     images = write_image_folder(tmp_path / "images", per_class=4)
     cfg = load_config(None, tiny_overrides(images, tmp_path / "run", **{
-        "train.early_stopping.enabled": "true", "train.early_stopping.metric": "val_loss"}))
+        "train.early_stopping.enabled": "true", "train.early_stopping.metric": "val_loss",
+        "eval.every_epochs": 0}))
     with pytest.raises(ConfigError, match="eval.every_epochs"):
         PeriodicEvaluation(cfg, None, None, None)
     cfg.eval.every_epochs = 1

@@ -39,6 +39,10 @@ def write_in_progress(checkpoints: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.endswith(".tmp") for p in checkpoints.iterdir())
 
 
+def committed(checkpoints: Path) -> set[str]:
+    return {p.name for p in checkpoints.glob("*.manifest.json")} if checkpoints.is_dir() else set()
+
+
 def assert_same_training_state(a: dict, b: dict) -> None:
     for part in ("student", "teacher", "loss"):
         for key in a[part]:
@@ -70,7 +74,12 @@ def test_sigkill_at_random_moments_then_restart_is_bit_exact(tmp_path, image_fol
                          or process.poll() is not None, 120, "a checkpoint write")
                 kills_in_write += process.poll() is None
             elif moment == "random":
-                time.sleep(rng.uniform(3.0, 8.0))
+                # A random moment once this attempt is training (a fixed delay from the start
+                # can outlast a short resumed run and kill nothing): after its first commit.
+                before = committed(killed / "checkpoints")
+                wait_for(lambda: committed(killed / "checkpoints") != before
+                         or process.poll() is not None, 120, "a step")
+                time.sleep(rng.uniform(0.0, 0.8))
         finally:
             if moment and process.poll() is None:
                 process.send_signal(signal.SIGKILL)

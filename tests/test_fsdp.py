@@ -16,9 +16,10 @@ import torch
 
 from dino_dist.export import export, sidecar
 from dino_dist.models import build_backbone
-from dino_dist.sharded_checkpoint import MARKER, read_full
+from dino_dist.sharded_checkpoint import MARKER
 from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,
-                            run_train, subprocess_env, tiny_overrides, write_image_folder)
+                            run_train, state_at, subprocess_env, tiny_overrides,
+                            write_image_folder)
 
 STEPS = 6  # 64 images, 8 per optimizer step: 8 steps per epoch
 
@@ -26,13 +27,6 @@ STEPS = 6  # 64 images, 8 per optimizer step: 8 steps per epoch
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("fsdp") / "images", classes=4, per_class=16)
-
-
-def state_at(run_dir: Path, step: int) -> dict:
-    folder = run_dir / "checkpoints" / f"step_{step:08d}"
-    if folder.is_dir():
-        return read_full(folder)
-    return torch.load(folder.with_name(folder.name + ".pt"), weights_only=True)
 
 
 def assert_close(a: dict, b: dict, tolerance: float = 1e-5) -> None:

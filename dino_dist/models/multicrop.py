@@ -29,12 +29,20 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Crops) -> torch.Tensor:
+    def forward(self, crops: Crops, backbone_only: bool = False) -> torch.Tensor:
+        """Head outputs; with `backbone_only`, the backbone's features (for evaluation).
+
+        Evaluation goes through this forward rather than calling `self.backbone` directly:
+        when the model is sharded (FSDP2), only the root module's own forward gathers the
+        root's parameters (patch embedding, position table, CLS token, head).
+        """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = [
             self.backbone(torch.cat(list(crops[start:end])))
             for start, end in resolution_groups(crops)
         ]
+        if backbone_only:
+            return torch.cat(features)
         # One head pass over everything keeps BatchNorm statistics (if any) global.
         return self.head(torch.cat(features))
