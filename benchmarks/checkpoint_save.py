@@ -21,12 +21,12 @@ from types import SimpleNamespace
 
 import torch
 
-from dino_dist.build import build_optimizer, build_student_teacher
-from dino_dist.checkpoint import training_state
-from dino_dist.checkpoint_writer import CheckpointWriter
+from dino_dist.training.build import build_optimizer, build_student_teacher
+from dino_dist.checkpoint.single_file import training_state
+from dino_dist.checkpoint.writer import CheckpointWriter
 from dino_dist.config import load_config
-from dino_dist.dist import DistEnv
-from dino_dist.loss import DINOLoss
+from dino_dist.distributed.env import DistEnv
+from dino_dist.training.loss import DINOLoss
 
 
 def engine_for(config_path: str, overrides: list[str]) -> SimpleNamespace:

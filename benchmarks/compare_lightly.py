@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dino_dist.bench.images import ensure_bench_images  # noqa: E402
 from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops, timed  # noqa: E402
 from dino_dist.config import load_config  # noqa: E402
-from dino_dist.dist import init_distributed  # noqa: E402
+from dino_dist.distributed.env import init_distributed  # noqa: E402
 from dino_dist.models import build_backbone  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     import lightly
-    from dino_dist.build import build_training
+    from dino_dist.training.build import build_training
 
     cfg = load_config(args.config, args.overrides)
     if cfg.train.precision != "fp32":

@@ -39,10 +39,10 @@ part() {  # part NAME LIMIT_S COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
-part bench_eager 90 python3 -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
+part bench_eager 90 python3 -m dino_dist.cli.bench --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
 part reference_step 100 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part data_only 40 python3 -m dino_dist.bench.cli --data-only --rounds 4
+part data_only 40 python3 -m dino_dist.cli.bench --data-only --rounds 4
 part data_profile 40 python3 benchmarks/data_profile.py
-part bench_compile 180 python3 -m dino_dist.bench.cli --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
-part bench_train_compile 180 python3 -m dino_dist.bench.cli --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}" train.compile=true
+part bench_compile 180 python3 -m dino_dist.cli.bench --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+part bench_train_compile 180 python3 -m dino_dist.cli.bench --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}" train.compile=true
 part reference_step_compiled 180 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_dist.bench.images import ensure_bench_images  # noqa: E402
 from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops, timed  # noqa: E402
-from dino_dist.build import build_student_teacher, build_training  # noqa: E402
+from dino_dist.training.build import build_student_teacher, build_training  # noqa: E402
 from dino_dist.config import load_config  # noqa: E402
-from dino_dist.dist import init_distributed  # noqa: E402
+from dino_dist.distributed.env import init_distributed  # noqa: E402
 from dino_dist.models import param_groups_for_weight_decay  # noqa: E402
 from dino_dist.models.vit import Attention  # noqa: E402
 

@@ -15,11 +15,9 @@ from typing import Any
 
 import yaml
 
+from dino_dist.errors import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config; the message is one line naming the key and the fix."""
 
 
 @dataclass

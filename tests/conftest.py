@@ -129,7 +129,7 @@ def max_relative_error(a: dict, b: dict) -> tuple[float, str]:
 
 def state_at(run_dir: Path, step: int) -> dict:
     """The checkpoint of `step` in a run directory, as whole tensors (DDP file or FSDP folder)."""
-    from dino_dist.sharded_checkpoint import read_full
+    from dino_dist.checkpoint.sharded import read_full
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
     if folder.is_dir():
         return read_full(folder)

@@ -27,7 +27,7 @@ STEP_PHASES = {"teacher_forward", "student_forward", "loss", "backward", "commun
 
 
 def dino_bench(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dino_dist.bench.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "dino_dist.cli.bench", *args], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 

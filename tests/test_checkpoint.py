@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dino_dist.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint,
+from dino_dist.checkpoint.single_file import (CheckpointError, list_checkpoints, load_checkpoint,
                                   load_newest_valid, manifest_path, save_checkpoint)
 from tests.conftest import run_train, tiny_overrides
 

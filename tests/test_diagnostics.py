@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dino_dist.diagnostics import (StepStatistics, parameter_groups, prototype_counts,
+from dino_dist.observe.diagnostics import (StepStatistics, parameter_groups, prototype_counts,
                                    state_values, teacher_entropy_sum)
-from dino_dist.loss import DINOLoss
-from dino_dist.monitor import memory_values
+from dino_dist.training.loss import DINOLoss
+from dino_dist.observe.memory import memory_values
 from tests.test_engine import make_engine, random_crops, tiny_cfg
 
 NEG = -1e4  # a logit whose probability is 0 to float precision

@@ -6,7 +6,7 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dino_dist.health import HealthMonitor, small_batch_warning
+from dino_dist.observe.health import HealthMonitor, small_batch_warning
 from tests.conftest import run_train, tiny_overrides, write_image_folder
 
 LOG_K = math.log(256)

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from dino_dist.build import build_optimizer, build_student_teacher, seed_everything
+from dino_dist.training.build import build_optimizer, build_student_teacher, seed_everything
 from dino_dist.config import load_config
-from dino_dist.dist import DistEnv
-from dino_dist.engine import DinoEngine, NonFiniteLossError
-from dino_dist.loss import DINOLoss
+from dino_dist.distributed.env import DistEnv
+from dino_dist.training.engine import DinoEngine, NonFiniteLossError
+from dino_dist.training.loss import DINOLoss
 from dino_dist.models import last_layer_parameters
-from dino_dist.schedules import build_schedules
+from dino_dist.training.schedules import build_schedules
 from tests.conftest import REPO, free_port, max_relative_error, run_train, subprocess_env, tiny_overrides
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -113,7 +113,7 @@ def test_mixed_precision_runs_on_cpu(tmp_path, precision, image_folder):
 
 NAN_ON_RANK_1 = """
 import os, sys
-from dino_dist import loss as loss_module
+from dino_dist.training import loss as loss_module
 forward, calls = loss_module.DINOLoss.forward, []
 def poisoned(self, *args, **kwargs):
     out = forward(self, *args, **kwargs)
@@ -122,7 +122,7 @@ def poisoned(self, *args, **kwargs):
         return out * float("nan")
     return out
 loss_module.DINOLoss.forward = poisoned
-from dino_dist.train import main
+from dino_dist.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_dist.export import export, sidecar
+from dino_dist.cli.export import export, sidecar
 from dino_dist.models import build_backbone
-from dino_dist.sharded_checkpoint import MARKER
+from dino_dist.checkpoint.sharded import MARKER
 from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,
                             run_train, state_at, subprocess_env, tiny_overrides,
                             write_image_folder)
@@ -133,7 +133,7 @@ def test_export_of_ddp_and_fsdp_checkpoints_is_identical(dataset, tmp_path):
         run_train(tiny_overrides(dataset, tmp_path / kind, **{
             "train.max_steps": 3, "train.parallel": kind}))
     fsdp_out, ddp_out = tmp_path / "fsdp.pth", tmp_path / "ddp.pth"
-    result = subprocess.run([sys.executable, "-m", "dino_dist.export",
+    result = subprocess.run([sys.executable, "-m", "dino_dist.cli.export",
                              str(tmp_path / "fsdp" / "checkpoints" / "step_00000003"),
                              "--output", str(fsdp_out)], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
@@ -148,7 +148,7 @@ def test_export_of_ddp_and_fsdp_checkpoints_is_identical(dataset, tmp_path):
     backbone.load_state_dict(fsdp_weights, strict=True)
     assert "cls_token" in fsdp_weights and "blocks.0.attn.qkv.weight" in fsdp_weights
     # dino-knn takes the exported file as it is.
-    knn = subprocess.run([sys.executable, "-m", "dino_dist.knn_cli", "--checkpoint",
+    knn = subprocess.run([sys.executable, "-m", "dino_dist.cli.knn", "--checkpoint",
                           str(fsdp_out), "--train-data", str(dataset), "--val-data",
                           str(dataset), "--device", "cpu"], cwd=REPO, env=subprocess_env(),
                          capture_output=True, text=True, timeout=120)

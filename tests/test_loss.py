@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dino_dist.loss import DINOLoss
+from dino_dist.training.loss import DINOLoss
 
 
 def reference_dino_loss(student_output, teacher_output, center, ncrops, student_temp, temp):

@@ -6,7 +6,7 @@ single-process (DDP-format) file and a 2-rank FSDP folder, both written mid-firs
 `optim.freeze_last_layer` held the head's last layer (so AdamW has no state for it). From that
 description each test rebuilds an old-format checkpoint the way the old code wrote it (keys,
 shapes, dtypes, containers, manifest / commit marker; tensor values from a seeded generator)
-and resumes it with today's `python -m dino_dist.train`. A third test checks that today's own
+and resumes it with today's `python -m dino_dist.cli.train`. A third test checks that today's own
 checkpoints still have exactly the frozen layout, so a format change cannot slip by unnoticed.
 
 Nothing here imports dino_dist: only `tests.conftest` helpers and training subprocesses, and

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dino_dist.dist import DistEnv
+from dino_dist.distributed.env import DistEnv
 from dino_dist.models import build_model
-from dino_dist.parallel import place_models, wrap_student
+from dino_dist.distributed.parallel import place_models, wrap_student
 
 CPU = torch.device("cpu")
 

@@ -6,7 +6,7 @@ import subprocess
 
 from PIL import Image
 
-from dino_dist.plot import DPI, FIGURE_SIZE_IN, read_series
+from dino_dist.observe.plot import DPI, FIGURE_SIZE_IN, read_series
 from tests.conftest import REPO, run_train, subprocess_env, tiny_overrides, write_image_folder
 from tests.test_cli import console_script
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dino_dist.preemption import EXIT_STOPPED, install_stop_handlers, requeue_decision
-from dino_dist.stop import STOP_REQUEST
+from dino_dist.cluster.requeue import EXIT_STOPPED, install_stop_handlers, requeue_decision
+from dino_dist.distributed.stop import STOP_REQUEST
 from tests.conftest import REPO, run_train, subprocess_env, tiny_overrides
 
 
@@ -83,7 +83,7 @@ def test_usr2_stops_a_plain_run_at_a_step_boundary_and_a_restart_loses_nothing(i
 def test_a_signal_during_start_up_stops_at_the_first_step(image_folder, tmp_path):
     """The SLURM entry installs the handlers before torch is imported."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dino_dist.slurm_entry",
+    proc = subprocess.Popen([sys.executable, "-m", "dino_dist.cli.slurm_entry",
                              *tiny_overrides(image_folder, run_dir)], cwd=REPO,
                             env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

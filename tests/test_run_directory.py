@@ -49,11 +49,11 @@ def test_knn_feature_extraction_sharded_over_two_ranks(tmp_path, image_folder):
     run_train(tiny_overrides(image_folder, out, **{"train.max_steps": 1}))
     args = ["--checkpoint", str(out / "checkpoints" / "step_00000001.pt"), "--train-data",
             str(image_folder), "--val-data", str(image_folder), "--image-size", "16", "--k", "5"]
-    single = subprocess.run([sys.executable, "-m", "dino_dist.knn_cli", *args], cwd=REPO,
+    single = subprocess.run([sys.executable, "-m", "dino_dist.cli.knn", *args], cwd=REPO,
                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                             "-m", "dino_dist.knn_cli", *args], cwd=REPO, env=subprocess_env(),
+                             "-m", "dino_dist.cli.knn", *args], cwd=REPO, env=subprocess_env(),
                             capture_output=True, text=True, timeout=120)
     assert single.returncode == 0 and double.returncode == 0, single.stderr + double.stderr
     single_line = single.stdout.strip().splitlines()[-1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dino_dist.config import ConfigError, load_config
-from dino_dist.schedules import (LR_SCHEDULES, build_schedules, cosine_schedule, lr_schedule,
+from dino_dist.training.schedules import (LR_SCHEDULES, build_schedules, cosine_schedule, lr_schedule,
                                  teacher_temp_schedule)
 from tests.conftest import run_train, tiny_overrides, write_image_folder
 

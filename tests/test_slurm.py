@@ -221,7 +221,7 @@ def test_plain_scancel_saves_and_is_not_requeued(slurm, images, tmp_path):
 
 
 def test_wait_follows_a_job_to_its_end_and_gives_up_on_unknown_ids(slurm, tmp_path):
-    from dino_dist.slurm_submit import wait_slurm
+    from dino_dist.cluster.submit import wait_slurm
 
     out = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%j.out", "--wrap",
                           "exit 3"], capture_output=True, text=True, check=True)

@@ -102,7 +102,7 @@ def test_export_and_knn_read_the_result(demo_run, tmp_path):
     parallel, run_dir = demo_run
     checkpoint = run_dir / "checkpoints" / (f"step_{END:08d}" + (".pt" if parallel == "ddp" else ""))
     exported = tmp_path / "teacher.pth"
-    command("dino_dist.export", str(checkpoint), "--output", str(exported))
+    command("dino_dist.cli.export", str(checkpoint), "--output", str(exported))
     weights = torch.load(exported, weights_only=True)
     backbone = build_backbone("vit_mini", 8, 0.0, 32)
     backbone.load_state_dict(weights, strict=True)
@@ -110,7 +110,7 @@ def test_export_and_knn_read_the_result(demo_run, tmp_path):
     assert torch.equal(weights["pos_embed"], teacher["backbone.pos_embed"])
     log = (run_dir / "log.txt").read_text()
     val_dir = Path(log.split("k-NN (k=20) on ", 1)[1].split(":", 1)[0])
-    knn = command("dino_dist.knn_cli", "--checkpoint", str(checkpoint), "--train-data",
+    knn = command("dino_dist.cli.knn", "--checkpoint", str(checkpoint), "--train-data",
                   str(val_dir.parent / "train"), "--val-data", str(val_dir), "--device", "cpu")
     top1 = float(knn.stdout.split("top-1 ", 1)[1].split("%", 1)[0])
     run_top1 = next(r["knn_top1"] for r in metric_rows(run_dir) if "knn_top1_random_init" in r)

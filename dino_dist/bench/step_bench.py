@@ -19,8 +19,8 @@ from dino_dist.bench.floor import ModelFloor
 from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.config import Config
-from dino_dist.dist import DistEnv
-from dino_dist.metrics import peak_memory_mb
+from dino_dist.distributed.env import DistEnv
+from dino_dist.observe.metrics import peak_memory_mb
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _bench_config(cfg: Config, bench_images: str | None) -> Config:
 
 def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
                        bench_images: str | None = None) -> dict:
-    from dino_dist.build import build_training  # heavy imports after argument checks
+    from dino_dist.training.build import build_training  # heavy imports after argument checks
 
     cfg = _bench_config(cfg, bench_images if settings.synthetic else None)
     training = build_training(cfg, env)

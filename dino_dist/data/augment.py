@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from dino_dist.errors import DataError
+
 from .crop_group import IMAGENET_MEAN, IMAGENET_STD, CropGroup
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -108,9 +110,6 @@ class _BatchedGroups:
 
 
 def _check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
-    # Imported here: folder.py imports this module, so a top-level import would be circular.
-    from .folder import DataError
-
     if number < min_number:
         raise DataError(f"data.{kind}_crops_number is {number}: set it to at least {min_number}")
     if size < 1:

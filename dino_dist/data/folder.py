@@ -13,6 +13,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from dino_dist.errors import DataError
+
 from .augment import sample_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -22,10 +24,6 @@ MAX_CONSECUTIVE_BAD_IMAGES = 50
 
 # Decoders signal a bad file with any of these; anything else is a real bug.
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """A problem with the data the user pointed us at; the message says how to fix it."""
 
 
 def _is_image(path: Path) -> bool:

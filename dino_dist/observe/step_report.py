@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 
 from dino_dist.config import Config
-from dino_dist.diagnostics import StepStatistics, parameter_groups, state_values
-from dino_dist.health import HealthMonitor, HealthWarning, small_batch_warning
-from dino_dist.monitor import memory_values
-from dino_dist.schedules import total_batch_size
+from dino_dist.observe.diagnostics import StepStatistics, parameter_groups, state_values
+from dino_dist.observe.health import HealthMonitor, HealthWarning, small_batch_warning
+from dino_dist.observe.memory import memory_values
+from dino_dist.training.schedules import total_batch_size
 
 LOG = logging.getLogger("dino_dist")
 

@@ -14,11 +14,11 @@ from typing import Callable
 
 from dino_dist.config import Config
 from dino_dist.delays import pause_seconds
-from dino_dist.dist import DistEnv
-from dino_dist.engine import DinoEngine, StepResult
-from dino_dist.stop import STOP_REQUEST
-from dino_dist.metrics import MetricsWriter, ThroughputMeter, console_line, peak_memory_mb
-from dino_dist.step_report import StepReporter
+from dino_dist.distributed.env import DistEnv
+from dino_dist.training.engine import DinoEngine, StepResult
+from dino_dist.distributed.stop import STOP_REQUEST
+from dino_dist.observe.metrics import MetricsWriter, ThroughputMeter, console_line, peak_memory_mb
+from dino_dist.observe.step_report import StepReporter
 
 LOG = logging.getLogger("dino_dist")
 

@@ -23,9 +23,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dino_dist.dist import DistEnv, all_reduce_sum_
-from dino_dist.loss import DINOLoss
-from dino_dist.schedules import Schedules
+from dino_dist.distributed.env import DistEnv, all_reduce_sum_
+from dino_dist.errors import NonFiniteLossError
+from dino_dist.training.loss import DINOLoss
+from dino_dist.training.schedules import Schedules
 
 
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -41,17 +42,13 @@ class _IdleClock:
         return None  # deliberately nothing: phases are only timed under dino-bench
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised on every rank at once after too many consecutive non-finite steps."""
-
-
 @dataclass
 class StepResult:
     loss: float
     grad_norm: torch.Tensor  # stays on device; read it only on logging steps
     skipped: bool  # not applied: non-finite loss or gradients (fp16: the GradScaler's verdict)
     images: int  # images in this optimizer step, all ranks together
-    stop: bool = False  # some rank asked to stop (see dino_dist.stop): every rank sees it
+    stop: bool = False  # some rank asked to stop (see dino_dist.distributed.stop): every rank sees it
 
 
 class DinoEngine:

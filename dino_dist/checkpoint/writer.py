@@ -1,7 +1,7 @@
 """Writes a run's checkpoints in the format its parallelism needs.
 
-DDP (and single-process) runs: one rank-0 file per save (dino_dist.checkpoint). FSDP runs: one
-folder of shards per save (dino_dist.sharded_checkpoint), optionally written in the
+DDP (and single-process) runs: one rank-0 file per save (dino_dist.checkpoint.single_file). FSDP runs: one
+folder of shards per save (dino_dist.checkpoint.sharded), optionally written in the
 background. Both prune old checkpoints only after the new one is committed.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dino_dist.checkpoint import prune_checkpoints, save_checkpoint
-from dino_dist.sharded_checkpoint import ShardedSaver
+from dino_dist.checkpoint.single_file import prune_checkpoints, save_checkpoint
+from dino_dist.checkpoint.sharded import ShardedSaver
 
 
 class CheckpointWriter:

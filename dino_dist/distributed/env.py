@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dino_dist.slurm_env import slurm_rendezvous
+from dino_dist.distributed.slurm_env import slurm_rendezvous
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dino_dist.delays import pause_if_set
-from dino_dist.dist import all_gather_objects, broadcast_object
+from dino_dist.errors import CheckpointError
+from dino_dist.distributed.env import all_gather_objects, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
 FORMAT_VERSION = 1
@@ -32,10 +33,6 @@ REQUIRED_KEYS = ("student", "teacher", "optimizer", "loss", "step", "epoch", "co
 
 
 COMMIT_MARKER = "COMMITTED.json"  # written last into a sharded checkpoint folder
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -212,7 +209,7 @@ def load_checkpoint(path: Path, map_location: torch.device | str = "cpu",
     through DCP into the run's own layout: sharded_checkpoint.load_weights)."""
     path = Path(path)
     if path.is_dir():
-        from dino_dist import sharded_checkpoint
+        from dino_dist.checkpoint import sharded as sharded_checkpoint
         sharded_checkpoint.read_marker(path)
         return sharded_checkpoint.load_extra_state(path, map_location)
     if not path.is_file():

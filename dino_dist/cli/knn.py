@@ -1,7 +1,7 @@
 """`dino-knn`: k-NN top-1/top-5 of a checkpoint's teacher backbone on labelled folders.
 
     dino-knn --checkpoint RUN/checkpoints/step_00001000.pt --train-data DIR --val-data DIR
-    torchrun --nproc_per_node=4 -m dino_dist.knn_cli ...   # feature extraction sharded
+    torchrun --nproc_per_node=4 -m dino_dist.cli.knn ...   # feature extraction sharded
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from dino_dist.checkpoint import CheckpointError
-from dino_dist.export import backbone_weights, read_training_state, sidecar
+from dino_dist.checkpoint.single_file import CheckpointError
+from dino_dist.cli.export import backbone_weights, read_training_state, sidecar
 from dino_dist.config import config_from_dict
 from dino_dist.data import DataError, LabelledImageDataset, eval_transform
-from dino_dist.dist import init_distributed, teardown
-from dino_dist.knn import knn_accuracy
+from dino_dist.distributed.env import init_distributed, teardown
+from dino_dist.eval.knn import knn_accuracy
 from dino_dist.models import build_backbone
 
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dino_dist.checkpoint import rng_state, set_rng_state
+from dino_dist.checkpoint.single_file import rng_state, set_rng_state
 from dino_dist.config import Config, ConfigError
 from dino_dist.data import MultiCropAugmentation, MultiCropDataset, collate_multicrop, demo_val_root
-from dino_dist.dist import DistEnv, all_reduce_sum_, broadcast_object
-from dino_dist.knn import knn_accuracy, live_backbone, rank_batches
+from dino_dist.distributed.env import DistEnv, all_reduce_sum_, broadcast_object
+from dino_dist.eval.knn import knn_accuracy, live_backbone, rank_batches
 
 LOG = logging.getLogger("dino_dist")
 LOWER_IS_BETTER = ("val_loss",)

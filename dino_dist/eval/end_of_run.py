@@ -13,9 +13,9 @@ from torch import nn
 
 from dino_dist.config import Config
 from dino_dist.data import LabelledImageDataset, ensure_demo_dataset, eval_transform
-from dino_dist.dist import DistEnv
-from dino_dist.knn import knn_accuracy, live_backbone
-from dino_dist.metrics import MetricsWriter
+from dino_dist.distributed.env import DistEnv
+from dino_dist.eval.knn import knn_accuracy, live_backbone
+from dino_dist.observe.metrics import MetricsWriter
 from dino_dist.models import build_backbone
 
 LOG = logging.getLogger("dino_dist")

@@ -76,7 +76,7 @@ def _paper_data(overrides: list[str]) -> DataConfig:
 def step_benchmark(args: argparse.Namespace) -> dict | None:
     from dino_dist.bench.images import ensure_bench_images
     from dino_dist.bench.step_bench import BenchSettings, run_step_benchmark
-    from dino_dist.dist import init_distributed, teardown
+    from dino_dist.distributed.env import init_distributed, teardown
 
     config_path = args.config or BENCH_CONFIG
     cfg = load_config(config_path, args.overrides)

@@ -14,8 +14,8 @@ import os
 import signal
 import subprocess
 
-from dino_dist.slurm_env import slurm_job_id, slurm_restart_count
-from dino_dist.stop import STOP_REQUEST
+from dino_dist.distributed.slurm_env import slurm_job_id, slurm_restart_count
+from dino_dist.distributed.stop import STOP_REQUEST
 
 LOG = logging.getLogger("dino_dist")
 

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from dino_dist.errors import PlotError
+
 FIGURE_SIZE_IN, DPI = (8.0, 4.5), 100  # 800 x 450 pixels
 
 # (file name, title, [(column, label)] per panel): one panel per inner list.
@@ -34,10 +36,6 @@ FIGURES = [
                                 ("device_peak_mb", "device peak")]]),
     ("knn", "Evaluation", [[("knn_top1", "k-NN top-1 (%)"), ("knn_top5", "k-NN top-5 (%)")]]),
 ]
-
-
-class PlotError(RuntimeError):
-    """A one-line problem with the run directory or the environment."""
 
 
 def read_series(metrics_path: Path) -> dict[str, list[tuple[int, float]]]:

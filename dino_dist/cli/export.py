@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dino_dist.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from dino_dist.checkpoint.single_file import CheckpointError, atomic_write, load_checkpoint
 
 BACKBONE_PREFIX = "backbone."
 
@@ -25,7 +25,7 @@ BACKBONE_PREFIX = "backbone."
 def read_training_state(path: Path) -> dict[str, Any]:
     """Whole tensors of a DDP file or an FSDP folder, in one process."""
     if path.is_dir():
-        from dino_dist.sharded_checkpoint import read_full
+        from dino_dist.checkpoint.sharded import read_full
         return read_full(path)
     return load_checkpoint(path, map_location="cpu")
 

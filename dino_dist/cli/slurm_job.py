@@ -1,7 +1,7 @@
 """The callable that launch/submit.py hands to submitit: dino-train in every task of the job.
 
-It is the same `dino_dist.train` entry as a plain or torchrun process. Stopping on a signal,
-saving and requeueing are dino-train's own (see `dino_dist.preemption`), so the sbatch path
+It is the same `dino_dist.cli.train` entry as a plain or torchrun process. Stopping on a signal,
+saving and requeueing are dino-train's own (see `dino_dist.cluster.requeue`), so the sbatch path
 behaves the same; this class only adapts submitit's conventions around it.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from dino_dist.preemption import EXIT_LOCAL_REQUEUE, EXIT_STOPPED, install_stop_handlers
+from dino_dist.cluster.requeue import EXIT_LOCAL_REQUEUE, EXIT_STOPPED, install_stop_handlers
 
 
 class TrainJob:
@@ -26,7 +26,7 @@ class TrainJob:
         install_stop_handlers(include_term=True)
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
             export_local_rendezvous()
-        from dino_dist.train import main
+        from dino_dist.cli.train import main
 
         code = main(self.argv())
         if code in (EXIT_STOPPED, EXIT_LOCAL_REQUEUE):
@@ -47,7 +47,7 @@ class TrainJob:
 
 def export_local_rendezvous() -> None:
     """submitit's local executor starts one process per task with its own variables; give
-    them the torchrun-style ones dino_dist.dist reads."""
+    them the torchrun-style ones dino_dist.distributed.env reads."""
     import submitit
 
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -14,13 +14,13 @@ from torch import nn
 
 from dino_dist.config import Config, ConfigError
 from dino_dist.data import build_train_loader
-from dino_dist.dist import DistEnv, configure_cpu_threads
-from dino_dist.engine import DinoEngine
-from dino_dist.loop import micro_batches_per_epoch, steps_per_epoch
-from dino_dist.loss import DINOLoss
+from dino_dist.distributed.env import DistEnv, configure_cpu_threads
+from dino_dist.training.engine import DinoEngine
+from dino_dist.training.loop import micro_batches_per_epoch, steps_per_epoch
+from dino_dist.training.loss import DINOLoss
 from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
-from dino_dist.parallel import prepare_models
-from dino_dist.schedules import build_schedules
+from dino_dist.distributed.parallel import prepare_models
+from dino_dist.training.schedules import build_schedules
 
 
 def seed_everything(seed: int) -> None:

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from dino_dist.checkpoint import (COMMIT_MARKER, FORMAT_VERSION, CheckpointError, atomic_write,
+from dino_dist.checkpoint.single_file import (COMMIT_MARKER, FORMAT_VERSION, CheckpointError, atomic_write,
                                   fsync_dir)
-from dino_dist.dist import barrier, broadcast_object
+from dino_dist.distributed.env import barrier, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
 MARKER = COMMIT_MARKER
@@ -241,7 +241,7 @@ def read_full(folder: Path) -> dict[str, Any]:
     """A committed folder as whole (unsharded) tensors in one process: the extra state plus
     `student` and `teacher` state dicts, for export, inspection and tests."""
     import torch.distributed.checkpoint as dcp
-    from dino_dist.build import build_student_teacher
+    from dino_dist.training.build import build_student_teacher
     from dino_dist.config import config_from_dict
 
     read_marker(folder)

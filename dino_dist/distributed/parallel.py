@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dino_dist.config import TrainConfig
-from dino_dist.dist import DistEnv
+from dino_dist.distributed.env import DistEnv
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -1,6 +1,6 @@
-"""`srun python -m dino_dist.slurm_entry [dino-train arguments]`: dino-train for SLURM tasks.
+"""`srun python -m dino_dist.cli.slurm_entry [dino-train arguments]`: dino-train for SLURM tasks.
 
-The same entry as `python -m dino_dist.train`, with the stop handlers installed before torch is
+The same entry as `python -m dino_dist.cli.train`, with the stop handlers installed before torch is
 imported: a USR2 or TERM in those first seconds of a (re)started job would otherwise kill the
 task with the default action instead of stopping it at its first step.
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from dino_dist.preemption import install_stop_handlers
+from dino_dist.cluster.requeue import install_stop_handlers
 
 
 def cli() -> None:
     install_stop_handlers(include_term=True)
-    from dino_dist.train import main
+    from dino_dist.cli.train import main
 
     sys.exit(main(sys.argv[1:]))
 

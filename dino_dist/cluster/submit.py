@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from dino_dist.config import DEFAULT_CONFIG, Config, ConfigError, SlurmConfig, load_config
-from dino_dist.preemption import job_state
+from dino_dist.cluster.requeue import job_state
+from dino_dist.errors import SubmitError
 
 # SLURM states after which the job will not run again by itself. A requeued job passes
 # through REQUEUED and PENDING instead; PREEMPTED is left out because clusters that requeue
@@ -29,10 +30,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 SLURM_OPTIONS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
                  "partition", "account", "qos", "constraint", "timeout_min", "signal_delay_s",
                  "max_requeues", "job_name")
-
-
-class SubmitError(Exception):
-    """A user mistake in the submission; one line naming the problem and the fix."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,7 +118,7 @@ def make_executor(folder: Path, settings: SlurmConfig, local: bool):
 
 
 def submit(argv: list[str] | None = None) -> int:
-    from dino_dist.slurm_job import TrainJob
+    from dino_dist.cli.slurm_job import TrainJob
 
     args = parse_args(argv)
     # Absolute paths: the job may start in another directory, on another node.

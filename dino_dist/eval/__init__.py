@@ -1,0 +1,1 @@
+"""Evaluations of a teacher: k-NN, during training and at the end of a run."""

@@ -1,0 +1,1 @@
+"""What a run reports: console, metrics.jsonl, TensorBoard, memory, diagnostics, health warnings, summary, plots."""
