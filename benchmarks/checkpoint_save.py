@@ -12,24 +12,31 @@ total time beside it). Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
-
 import torch
 
-from dino_dist.training.build import build_optimizer, build_student_teacher
-from dino_dist.checkpoint.single_file import training_state
 from dino_dist.checkpoint.writer import CheckpointWriter
 from dino_dist.config import load_config
 from dino_dist.distributed.env import DistEnv
+from dino_dist.training.build import build_optimizer, build_student_teacher
+from dino_dist.training.engine import DinoEngine
 from dino_dist.training.loss import DINOLoss
+from dino_dist.training.schedules import build_schedules
+from dino_dist.training.state import TrainingState
 
 
-def engine_for(config_path: str, overrides: list[str]) -> SimpleNamespace:
+class NoEvaluation:
+    def state_dict(self) -> None:
+        return None
+
+
+def state_for(config_path: str, overrides: list[str]) -> TrainingState:
+    """A training state of the config's model size, with AdamW's moments filled."""
     cfg = load_config(config_path, overrides)
     student, teacher = build_student_teacher(cfg)
     optimizer = build_optimizer(student, cfg, torch.device("cpu"))
@@ -37,10 +44,11 @@ def engine_for(config_path: str, overrides: list[str]) -> SimpleNamespace:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return SimpleNamespace(student_module=student, teacher=teacher, optimizer=optimizer,
-                           scaler=torch.amp.GradScaler("cpu", enabled=False),
-                           loss_fn=DINOLoss(cfg.model.out_dim), env=env, skipped_steps=0,
-                           skipped_images=0, cfg=cfg)
+    engine = DinoEngine(student, student, teacher, DINOLoss(cfg.model.out_dim), optimizer,
+                        build_schedules(cfg, 1, 1), env)
+    state = TrainingState(engine, NoEvaluation(), cfg.to_dict(), env)
+    state.cfg = cfg
+    return state
 
 
 def main() -> None:
@@ -53,24 +61,23 @@ def main() -> None:
                         help="with --sharded: background writing")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    engine = engine_for(args.config, args.overrides)
-    position = {"step": 0, "epoch": 0, "epoch_step": 0, "epoch_samples": 0, "schedule_step": 0}
+    state = state_for(args.config, args.overrides)
     seconds, totals = [], []
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         writer = CheckpointWriter(Path(folder), True, keep_last=1, sharded=args.sharded,
                                   async_save=args.async_save)
         for repeat in range(args.repeats):
             started = time.perf_counter()
-            state = training_state(engine, engine.cfg.to_dict(), {**position, "step": repeat})
-            path = writer.save(engine, state)
+            state.position = dataclasses.replace(state.position, step=repeat)
+            path = writer.save(state)
             seconds.append(time.perf_counter() - started)
             writer.wait()  # in training this wait overlaps the steps until the next save
             totals.append(time.perf_counter() - started)
         size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
-    params = sum(p.numel() for p in engine.student_module.parameters())
+    params = sum(p.numel() for p in state.engine.student.parameters())
     print(json.dumps({"config": args.config, "format": "sharded" if args.sharded else "file",
-                      "async": args.async_save, "arch": engine.cfg.model.arch,
-                      "out_dim": engine.cfg.model.out_dim, "student_params_m": round(params / 1e6, 2),
+                      "async": args.async_save, "arch": state.cfg.model.arch,
+                      "out_dim": state.cfg.model.out_dim, "student_params_m": round(params / 1e6, 2),
                       "checkpoint_mb": round(size / 2**20, 1),
                       "save_blocking_s_median": round(statistics.median(seconds), 3),
                       "save_blocking_s_all": [round(s, 3) for s in seconds],

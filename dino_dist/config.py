@@ -1,17 +1,23 @@
 """Typed run configuration: YAML file, then dotted `key=value` overrides, then validation.
 
 Every section is a dataclass, so a typo or a wrong type is caught before any process group
-or data loader starts, with a message naming the key and the closest valid one.
+or data loader starts, with a message naming the key and the closest valid one. Each field
+carries its own rule (`choice`, `positive`, ...: dataclass field metadata) and the rules that
+tie fields together sit right after their section; `validate` applies both.
+
+This is the bottom layer: it imports nothing from dino_dist but the errors, so the names
+other packages also know (ARCH_NAMES, LR_SCHEDULES, EVAL_METRICS) are defined here.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -19,97 +25,180 @@ from dino_dist.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
+# dino_dist.models keeps its own table (and imports torch, which config must not); a test
+# checks the two name the same archs.
+ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_mini", "resnet50")
+LR_SCHEDULES = ("cosine", "linear", "cosine_restarts", "polynomial", "constant_after_decay")
+# What a periodic evaluation reports: eval.best_metric and train.early_stopping.metric.
+EVAL_METRICS = ("knn_top1", "knn_top5", "val_loss")
+
+_RULE = "rule"  # the field-metadata key holding (check, requirement)
+
+
+def ruled(default: Any, rule: Callable[[Any], bool], requirement: str) -> Any:
+    """A field that `validate` checks with `rule`; the error reads
+    "config key 'KEY' <requirement>, got VALUE"."""
+    metadata = {_RULE: (rule, requirement)}
+    if isinstance(default, list):  # each Config needs its own list, not a shared one
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def choice(default: str, allowed: tuple[str, ...]) -> Any:
+    return ruled(default, lambda v: v in allowed, f"must be one of {', '.join(allowed)}")
+
+
+def positive(default: float) -> Any:
+    return ruled(default, lambda v: v > 0, "must be > 0")
+
+
+def non_negative(default: float) -> Any:
+    return ruled(default, lambda v: v >= 0, "must be >= 0")
+
+
+def unit_interval(default: float) -> Any:
+    return ruled(default, lambda v: 0 <= v <= 1, "must be between 0 and 1")
+
+
+def low_high(default: list[float], ceiling: float | None = None) -> Any:
+    """A [low, high] range with 0 < low <= high, and high <= ceiling when one is given."""
+    top = math.inf if ceiling is None else ceiling
+    bound = "" if ceiling is None else f" <= {ceiling}"
+    return ruled(default, rule=lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= top,
+                 requirement=f"must be [low, high] with 0 < low <= high{bound}")
+
+
+def _require(key: str, value: Any, ok: Callable[[Any], bool], requirement: str) -> None:
+    if not ok(value):
+        raise ConfigError(f"config key '{key}' {requirement}, got {value!r}")
+
 
 @dataclass
 class DataConfig:
     path: str = "demo"
-    num_workers: int = 4
+    num_workers: int = non_negative(4)
     prefetch_factor: int = 2
-    global_crops_number: int = 2
-    global_crop_size: int = 224
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
-    local_crops_number: int = 10
-    local_crop_size: int = 96
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    global_crops_number: int = positive(2)
+    global_crop_size: int = positive(224)
+    global_crops_scale: list[float] = low_high([0.4, 1.0], ceiling=1)
+    local_crops_number: int = non_negative(10)
+    local_crop_size: int = positive(96)
+    local_crops_scale: list[float] = low_high([0.05, 0.4], ceiling=1)
     # Gaussian-blur sigma range in pixels; the paper's (0.1, 2.0) is meant for 224 px crops,
     # so small-image runs scale it down with the crop size.
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_sigma: list[float] = low_high([0.1, 2.0])
     # Augment the crops of one size as one batch: ~2x the images/s per loader worker of one
     # transforms.v2 chain per crop (false), the same recipe, another random stream.
     batched_crops: bool = True
     demo_dir: str = ""
 
 
+def _check_crop_count(data: DataConfig) -> None:
+    # The loss pairs each teacher crop with the student's other crops: one crop has none.
+    if data.global_crops_number + data.local_crops_number < 2:
+        raise ConfigError("DINO needs at least 2 crops: raise data.global_crops_number "
+                          "or data.local_crops_number")
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"
-    patch_size: int = 16
+    arch: str = choice("vit_small", ARCH_NAMES)
+    patch_size: int = positive(16)
     # Resolution the ViT's position table is stored at (other sizes are interpolated);
     # 224 keeps official checkpoints loadable, small-image runs set their crop size.
-    img_size: int = 224
-    drop_path_rate: float = 0.1
-    out_dim: int = 65536
+    img_size: int = positive(224)
+    drop_path_rate: float = non_negative(0.1)
+    out_dim: int = positive(65536)
     use_bn_in_head: bool = False
     norm_last_layer: bool = True
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
+    head_hidden_dim: int = positive(2048)
+    head_bottleneck_dim: int = positive(256)
+
+
+def _check_crops_fit_patches(model: ModelConfig, data: DataConfig) -> None:
+    # A ViT cuts each crop into patch_size x patch_size tiles; ResNets take any size.
+    if not model.arch.startswith("vit"):
+        return
+    for key in ("global_crop_size", "local_crop_size"):
+        _require(f"data.{key}", getattr(data, key), lambda v: v % model.patch_size == 0,
+                 f"must be a multiple of model.patch_size ({model.patch_size})")
 
 
 @dataclass
 class OptimConfig:
-    batch_size_per_gpu: int = 64
-    accum_steps: int = 1
-    lr: float = 0.0005  # for a total batch of 256; scaled linearly by the real total batch
-    min_lr: float = 1e-6
+    batch_size_per_gpu: int = positive(64)
+    accum_steps: int = positive(1)
+    # For a total batch of 256; scaled linearly by the real total batch
+    lr: float = non_negative(0.0005)
+    min_lr: float = non_negative(1e-6)
     # After warm-up: cosine (DINO) | linear | cosine_restarts | polynomial | constant_after_decay
-    lr_schedule: str = "cosine"
-    lr_cycle_epochs: int = 0  # cosine_restarts: epochs per cycle
-    lr_power: float = 2.0  # polynomial: exponent of the decay
-    lr_decay_epochs: int = 0  # constant_after_decay: epochs of cosine decay, then min_lr
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # 0 disables clipping
-    clip_mode: str = "per_param"  # DINO's per-parameter clipping, or "global" norm
-    freeze_last_layer: int = 1  # epochs during which the head's last layer is not updated
-    teacher_momentum: float = 0.996
-    teacher_momentum_end: float = 1.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = choice("cosine", LR_SCHEDULES)
+    lr_cycle_epochs: int = non_negative(0)  # cosine_restarts: epochs per cycle
+    lr_power: float = positive(2.0)  # polynomial: exponent of the decay
+    # constant_after_decay: epochs of cosine decay, then min_lr
+    lr_decay_epochs: int = non_negative(0)
+    warmup_epochs: int = non_negative(10)
+    weight_decay: float = non_negative(0.04)
+    weight_decay_end: float = non_negative(0.4)
+    clip_grad: float = non_negative(3.0)  # 0 disables clipping
+    # DINO's per-parameter clipping, or "global" norm
+    clip_mode: str = choice("per_param", ("per_param", "global"))
+    # Epochs during which the head's last layer is not updated
+    freeze_last_layer: int = non_negative(1)
+    teacher_momentum: float = unit_interval(0.996)
+    teacher_momentum_end: float = unit_interval(1.0)
+    betas: list[float] = ruled([0.9, 0.999],
+                               rule=lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+                               requirement="must be [beta1, beta2] with each in [0, 1)")
+
+
+# The schedules whose shape is undefined without an epoch count of their own.
+_SCHEDULE_EPOCHS = {"cosine_restarts": "lr_cycle_epochs", "constant_after_decay": "lr_decay_epochs"}
+
+
+def _check_schedule_epochs(optim: OptimConfig) -> None:
+    name = _SCHEDULE_EPOCHS.get(optim.lr_schedule)
+    if name is not None:
+        _require(f"optim.{name}", getattr(optim, name), lambda v: v > 0,
+                 f"must be > 0 with optim.lr_schedule={optim.lr_schedule}")
 
 
 @dataclass
 class LossConfig:
-    student_temp: float = 0.1
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
-    center_momentum: float = 0.9
+    student_temp: float = positive(0.1)
+    warmup_teacher_temp: float = positive(0.04)
+    teacher_temp: float = positive(0.04)
+    warmup_teacher_temp_epochs: int = non_negative(0)
+    center_momentum: float = unit_interval(0.9)
 
 
 @dataclass
 class EarlyStoppingConfig:
     """Stop when the periodic evaluation's metric has not improved for `patience` evaluations."""
     enabled: bool = False
-    metric: str = "knn_top1"  # knn_top1 | knn_top5 | val_loss (see eval.every_epochs)
-    mode: str = "auto"  # auto (max for k-NN, min for losses) | max | min
-    patience: int = 3  # evaluations without an improvement of more than min_delta
-    min_delta: float = 0.0
+    # knn_top1 | knn_top5 | val_loss (see eval.every_epochs)
+    metric: str = choice("knn_top1", EVAL_METRICS)
+    # auto (max for k-NN, min for losses) | max | min
+    mode: str = choice("auto", ("auto", "max", "min"))
+    patience: int = positive(3)  # evaluations without an improvement of more than min_delta
+    min_delta: float = non_negative(0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    max_steps: int = 0  # stop after this many optimizer steps; 0 = no limit
-    seed: int = 0
-    precision: str = "fp32"
-    parallel: str = "ddp"
-    device: str = "auto"  # auto | cpu | cuda
+    epochs: int = positive(100)
+    max_steps: int = non_negative(0)  # stop after this many optimizer steps; 0 = no limit
+    seed: int = non_negative(0)
+    precision: str = choice("fp32", ("fp32", "bf16", "fp16"))
+    parallel: str = choice("ddp", ("ddp", "fsdp"))
+    device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto | cpu | cuda
     output_dir: str = "runs/dino"
     # A collective that waits longer than this fails (a rank died or hangs) instead of hanging
     # forever. Start-up (data scan, demo generation) gets at least 30 min. It must exceed the
     # time rank 0 needs to write one checkpoint, since the other ranks wait for it.
-    dist_timeout_s: int = 600
-    max_nonfinite_steps: int = 10  # skipped non-finite steps in a row before the run stops
+    dist_timeout_s: int = positive(600)
+    # Skipped non-finite steps in a row before the run stops
+    max_nonfinite_steps: int = non_negative(10)
     compile: bool = False  # torch.compile each transformer block (or ResNet stage)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -117,9 +206,11 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = only at epoch ends and at the end of the run
-    keep_last: int = 3  # newest checkpoints kept; older ones go once a new one is committed
-    keep_every_epochs: int = 0  # also keep the epoch-end checkpoint of every N-th epoch
+    every_steps: int = non_negative(0)  # 0 = only at epoch ends and at the end of the run
+    # Newest checkpoints kept; older ones go once a new one is committed
+    keep_last: int = positive(3)
+    # Also keep the epoch-end checkpoint of every N-th epoch
+    keep_every_epochs: int = non_negative(0)
     resume: bool = True  # resume from the newest valid checkpoint in train.output_dir
     resume_from: str = ""  # a checkpoint file to start from instead
     # Sharded (FSDP) checkpoints only: training waits for the copy to host memory, not for
@@ -129,10 +220,10 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = 10
+    every_steps: int = positive(10)
     tensorboard: bool = True
     # A collapse warning needs this many logging steps in a row that look collapsed.
-    collapse_window: int = 3
+    collapse_window: int = positive(3)
 
 
 @dataclass
@@ -140,15 +231,23 @@ class EvalConfig:
     knn_at_end: bool = False  # the demo turns this on
     train_path: str = ""  # labelled ImageFolder roots; empty with data.path=demo = demo splits
     val_path: str = ""
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    image_size: int = 224
-    batch_size: int = 64
-    every_epochs: int = 0  # evaluate during training every N epochs; 0 = off
+    knn_k: int = positive(20)
+    knn_temperature: float = positive(0.07)
+    image_size: int = positive(224)
+    batch_size: int = positive(64)
+    every_epochs: int = non_negative(0)  # evaluate during training every N epochs; 0 = off
     # Held-out images (any folder layout) for a validation DINO loss; "" = the demo's val
     # split with data.path=demo, else no validation loss.
     val_loss_path: str = ""
-    best_metric: str = "auto"  # kept in checkpoints/best/: knn_top1 | knn_top5 | val_loss | auto
+    # Kept in checkpoints/best/: knn_top1 | knn_top5 | val_loss | auto
+    best_metric: str = choice("auto", ("auto",) + EVAL_METRICS)
+
+
+def _check_eval_paths(e: EvalConfig) -> None:
+    # k-NN needs both: a labelled bank (train) and labelled queries to score (val).
+    if bool(e.train_path) != bool(e.val_path):
+        raise ConfigError("eval.train_path and eval.val_path go together (labelled ImageFolder "
+                          "trees for k-NN): set both, or neither")
 
 
 @dataclass
@@ -158,14 +257,16 @@ class SlurmConfig:
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 0  # 0 = one per GPU, or one per node without GPUs
-    cpus_per_task: int = 0  # 0 = the cluster's default
-    mem_gb: int = 0  # 0 = the cluster's default
-    timeout_min: int = 1440
-    signal_delay_s: int = 120  # USR2 this long before the time limit: enough for one step + save
-    max_requeues: int = 20  # the job requeues itself after a signal at most this many times
+    nodes: int = positive(1)
+    gpus_per_node: int = non_negative(0)
+    tasks_per_node: int = non_negative(0)  # 0 = one per GPU, or one per node without GPUs
+    cpus_per_task: int = non_negative(0)  # 0 = the cluster's default
+    mem_gb: int = non_negative(0)  # 0 = the cluster's default
+    timeout_min: int = positive(1440)
+    # USR2 this long before the time limit: enough for one step + save
+    signal_delay_s: int = non_negative(120)
+    # The job requeues itself after a signal at most this many times
+    max_requeues: int = non_negative(20)
     job_name: str = "dino"
 
 
@@ -183,42 +284,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-CHOICES = {
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.parallel": ("ddp", "fsdp"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "optim.clip_mode": ("per_param", "global"),
-    "optim.lr_schedule": ("cosine", "linear", "cosine_restarts", "polynomial",
-                          "constant_after_decay"),
-    "eval.best_metric": ("auto", "knn_top1", "knn_top5", "val_loss"),
-    "train.early_stopping.metric": ("knn_top1", "knn_top5", "val_loss"),
-    "train.early_stopping.mode": ("auto", "max", "min"),
-}
-POSITIVE = (
-    "optim.batch_size_per_gpu", "optim.accum_steps", "train.epochs", "model.out_dim",
-    "model.patch_size", "model.img_size", "data.global_crops_number", "data.global_crop_size",
-    "data.local_crop_size", "log.every_steps", "eval.knn_k", "eval.batch_size",
-    "loss.student_temp", "loss.teacher_temp", "loss.warmup_teacher_temp", "eval.image_size",
-    "eval.knn_temperature", "model.head_hidden_dim", "model.head_bottleneck_dim",
-    "checkpoint.keep_last", "train.dist_timeout_s", "optim.lr_power", "log.collapse_window",
-    "train.early_stopping.patience",
-)
-NON_NEGATIVE = (
-    "train.max_steps", "checkpoint.every_steps", "data.num_workers", "data.local_crops_number",
-    "optim.lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
-    "optim.freeze_last_layer", "optim.weight_decay", "optim.weight_decay_end",
-    "loss.warmup_teacher_temp_epochs", "model.drop_path_rate", "train.seed",
-    "checkpoint.keep_every_epochs", "train.max_nonfinite_steps", "optim.lr_cycle_epochs",
-    "optim.lr_decay_epochs", "eval.every_epochs", "train.early_stopping.min_delta",
-)
-POSITIVE += ("slurm.nodes", "slurm.timeout_min")
-NON_NEGATIVE += ("slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.cpus_per_task",
-                 "slurm.mem_gb", "slurm.signal_delay_s", "slurm.max_requeues")
-UNIT_INTERVAL = (
-    "loss.center_momentum", "optim.teacher_momentum", "optim.teacher_momentum_end",
-)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -338,51 +403,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def validate(cfg: Config) -> None:
-    from dino_dist.models import ARCH_NAMES  # models import torch; keep config import light
-
-    for key, allowed in CHOICES.items():
-        _check(cfg, key, lambda v: v in allowed, f"must be one of {', '.join(allowed)}")
-    _check(cfg, "model.arch", lambda v: v in ARCH_NAMES, f"must be one of {', '.join(ARCH_NAMES)}")
-    for key in POSITIVE:
-        _check(cfg, key, lambda v: v > 0, "must be > 0")
-    for key in NON_NEGATIVE:
-        _check(cfg, key, lambda v: v >= 0, "must be >= 0")
-    for key in UNIT_INTERVAL:
-        _check(cfg, key, lambda v: 0 <= v <= 1, "must be between 0 and 1")
-    for key in ("data.global_crops_scale", "data.local_crops_scale"):
-        _check(cfg, key, lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-               "must be [low, high] with 0 < low <= high <= 1")
-    _check(cfg, "data.blur_sigma", lambda v: len(v) == 2 and 0 < v[0] <= v[1],
-           "must be [low, high] with 0 < low <= high")
-    _check(cfg, "optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
-           "must be [beta1, beta2] with each in [0, 1)")
-    if cfg.model.arch.startswith("vit"):
-        for key in ("data.global_crop_size", "data.local_crop_size"):
-            _check(cfg, key, lambda v: v % cfg.model.patch_size == 0,
-                   f"must be a multiple of model.patch_size ({cfg.model.patch_size})")
-    _validate_lr_schedule(cfg)
-    if bool(cfg.eval.train_path) != bool(cfg.eval.val_path):
-        raise ConfigError("eval.train_path and eval.val_path go together (labelled ImageFolder "
-                          "trees for k-NN): set both, or neither")
-    if cfg.data.global_crops_number + cfg.data.local_crops_number < 2:
-        raise ConfigError("DINO needs at least 2 crops: raise data.global_crops_number "
-                          "or data.local_crops_number")
+    """Apply every field's own rule, then the rules that tie fields together."""
+    _check_fields(cfg, prefix="")
+    _check_crops_fit_patches(cfg.model, cfg.data)  # after patch_size is known to be > 0
+    _check_schedule_epochs(cfg.optim)
+    _check_eval_paths(cfg.eval)
+    _check_crop_count(cfg.data)
 
 
-def _validate_lr_schedule(cfg: Config) -> None:
-    needs = {"cosine_restarts": "optim.lr_cycle_epochs", "constant_after_decay": "optim.lr_decay_epochs"}
-    key = needs.get(cfg.optim.lr_schedule)
-    if key is not None:
-        _check(cfg, key, lambda v: v > 0, f"must be > 0 with optim.lr_schedule="
-                                          f"{cfg.optim.lr_schedule}")
-
-
-def _check(cfg: Config, key: str, ok, requirement: str) -> None:
-    value = cfg
-    for name in key.split("."):
-        value = getattr(value, name)
-    if not ok(value):
-        raise ConfigError(f"config key '{key}' {requirement}, got {value!r}")
+def _check_fields(section: Any, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):  # a section, or a sub-section like train.early_stopping
+            _check_fields(value, f"{prefix}{f.name}.")
+        elif _RULE in f.metadata:
+            _require(f"{prefix}{f.name}", value, *f.metadata[_RULE])
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

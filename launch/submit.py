@@ -6,7 +6,7 @@
 
 `python launch/submit.py --help` lists the options; see the README's SLURM section.
 """
-from dino_dist.cluster.submit import cli
+from dino_dist.cli.submit import cli
 
 if __name__ == "__main__":
     cli()

@@ -101,7 +101,7 @@ def test_bad_step_count_is_refused_by_the_parser():
 
 def test_phase_clock_charges_time_to_the_phase_that_ends():
     clock = PhaseClock(torch.device("cpu"))
-    clock.restart()
+    clock.start()
     time.sleep(0.02)
     clock.mark("loss")
     time.sleep(0.06)

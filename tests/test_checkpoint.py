@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from dino_dist.checkpoint.single_file import (CheckpointError, list_checkpoints, load_checkpoint,
-                                  load_newest_valid, manifest_path, save_checkpoint)
+from dino_dist.checkpoint.directory import list_checkpoints, manifest_path, prune_checkpoints
+from dino_dist.checkpoint.reader import load_checkpoint, load_newest_valid
+from dino_dist.checkpoint.single_file import save_file
+from dino_dist.errors import CheckpointError
 from tests.conftest import run_train, tiny_overrides
 
 
@@ -24,7 +26,7 @@ def digest(path) -> str:
 @pytest.mark.parametrize("damage", ["truncate", "zero_bytes", "garbage", "no_manifest"])
 def test_damaged_newest_falls_back_to_previous(tmp_path, damage, caplog):
     for step in (1, 2):
-        save_checkpoint(tmp_path, fake_state(step), is_main=True)
+        save_file(tmp_path, fake_state(step), is_main=True)
     newest = tmp_path / "step_00000002.pt"
     data = newest.read_bytes()
     if damage == "truncate":
@@ -41,7 +43,7 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, damage, caplog):
 
 
 def test_manifest_describes_the_file(tmp_path):
-    path = save_checkpoint(tmp_path, fake_state(7, epoch=2, epoch_step=0), is_main=True)
+    path = save_file(tmp_path, fake_state(7, epoch=2, epoch_step=0), is_main=True)
     manifest = json.loads(manifest_path(path).read_text())
     assert manifest == {"format_version": 1, "step": 7, "epoch": 2, "epoch_step": 0,
                         "size": path.stat().st_size, "sha256": digest(path)}
@@ -58,8 +60,8 @@ def test_retention_keeps_newest_and_epoch_keepers(tmp_path):
     # epoch-end saves (epoch_step 0) at epochs 1..4, mid-epoch saves in between
     for step, epoch, epoch_step in [(5, 1, 0), (7, 1, 2), (10, 2, 0), (12, 2, 2), (15, 3, 0),
                                     (17, 3, 2), (20, 4, 0)]:
-        save_checkpoint(tmp_path, fake_state(step, epoch, epoch_step), is_main=True,
-                        keep_last=2, keep_every_epochs=2)
+        save_file(tmp_path, fake_state(step, epoch, epoch_step), is_main=True)
+        prune_checkpoints(tmp_path, keep_last=2, keep_every_epochs=2)
     kept = sorted(p.name for p in list_checkpoints(tmp_path))
     assert kept == ["step_00000010.pt", "step_00000017.pt", "step_00000020.pt"]
     assert all(manifest_path(tmp_path / name).exists() for name in kept)

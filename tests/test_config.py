@@ -7,7 +7,9 @@ import sys
 import pytest
 import yaml
 
-from dino_dist.config import ConfigError, dump_config, load_config
+import dino_dist.models
+from dino_dist import config
+from dino_dist.config import Config, ConfigError, dump_config, load_config
 from tests.conftest import REPO, subprocess_env
 
 
@@ -56,6 +58,17 @@ def test_paper_recipe_values():
     ("model.arch=vit_huge", "config key 'model.arch' must be one of"),
     ("loss.center_momentum=1.5", "config key 'loss.center_momentum' must be between 0 and 1"),
     ("log.tensorboard=maybe", "config key 'log.tensorboard' must be true or false"),
+    ("optim.lr=-1", "config key 'optim.lr' must be >= 0, got -1.0"),
+    ("train.early_stopping.mode=up", "config key 'train.early_stopping.mode' must be one of "
+                                     "auto, max, min, got 'up'"),
+    ("data.global_crops_scale=[0.5, 0.2]", "config key 'data.global_crops_scale' must be "
+                                           "[low, high] with 0 < low <= high <= 1, got [0.5, 0.2]"),
+    ("data.blur_sigma=[0, 1]", "config key 'data.blur_sigma' must be [low, high] with "
+                               "0 < low <= high, got [0.0, 1.0]"),
+    ("optim.betas=[0.9, 1]", "config key 'optim.betas' must be [beta1, beta2] with each in [0, 1)"),
+    ("optim.lr_schedule=cosine_restarts", "config key 'optim.lr_cycle_epochs' must be > 0 with "
+                                          "optim.lr_schedule=cosine_restarts, got 0"),
+    ("eval.train_path=/labelled", "eval.train_path and eval.val_path go together"),
     ("data.local_crops_scale=0.3", "config key 'data.local_crops_scale' must be a list"),
     ("lr", "override 'lr' is not of the form key=value"),
 ])
@@ -70,6 +83,31 @@ def test_user_mistakes_get_one_line_messages(override, expected):
 def test_crop_size_must_fit_patch():
     with pytest.raises(ConfigError, match="multiple of model.patch_size"):
         load_config(None, ["data.global_crop_size=30"])
+    load_config(None, ["model.arch=resnet50", "data.global_crop_size=30"])  # no patches
+
+
+def test_at_least_two_crops():
+    with pytest.raises(ConfigError, match="DINO needs at least 2 crops"):
+        load_config(None, ["data.global_crops_number=1", "data.local_crops_number=0"])
+
+
+def test_arch_names_match_the_models_table():
+    # config keeps its own copy so that it never imports the models (and torch).
+    assert set(config.ARCH_NAMES) == set(dino_dist.models.ARCH_NAMES)
+
+
+def test_config_imports_no_other_dino_dist_module():
+    code = ("import sys, dino_dist.config; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dino_dist', 'torch'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["['dino_dist',", "'dino_dist.config',", "'dino_dist.errors']"]
+
+
+def test_list_defaults_are_not_shared():
+    first, second = Config(), Config()
+    first.data.global_crops_scale[0] = 0.9
+    assert second.data.global_crops_scale == [0.4, 1.0]
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -111,16 +111,15 @@ def test_engine_fills_statistics_only_when_given_and_trains_the_same(tmp_path):
     cfg = tiny_cfg(tmp_path)
     plain, watched = make_engine(cfg), make_engine(cfg)
     stats = StepStatistics(cfg.model.out_dim,
-                           parameter_groups(watched.student_module, watched.trainable,
+                           parameter_groups(watched.student, watched.trainable,
                                             watched.last_layer_params), torch.device("cpu"))
     crops = random_crops(4, 0)
     with torch.no_grad():
         teacher_out = watched.teacher(crops[:2])
     for engine, statistics in ((plain, None), (watched, stats)):
-        engine.stats = statistics
-        engine.micro_step(crops, 0, 1.0, sync_grads=True)
-        result = engine.finish_step(0, epoch=1)
-    for a, b in zip(plain.student_module.parameters(), watched.student_module.parameters()):
+        engine.micro_step(crops, 0, 1.0, sync_grads=True, stats=statistics)
+        result = engine.finish_step(0, epoch=1, stats=statistics)
+    for a, b in zip(plain.student.parameters(), watched.student.parameters()):
         assert torch.equal(a, b)  # the statistics change nothing in training
     assert torch.equal(plain.loss_fn.center, watched.loss_fn.center)
     values = stats.read(result.loss)

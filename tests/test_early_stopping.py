@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from dino_dist.checkpoint.single_file import list_checkpoints, load_checkpoint, read_manifest
+from dino_dist.checkpoint.directory import list_checkpoints
+from dino_dist.checkpoint.reader import load_checkpoint
+from dino_dist.checkpoint.single_file import read_manifest
 from dino_dist.config import ConfigError, load_config
 from dino_dist.eval.periodic import MetricTracker, PeriodicEvaluation
 from tests.conftest import run_train, tiny_overrides, write_image_folder

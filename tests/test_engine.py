@@ -53,7 +53,7 @@ def test_short_group_is_an_exact_mean(tmp_path):
     for step in range(3):
         whole.micro_step([torch.cat(p) for p in zip(crops_a, crops_b)], step, 1.0, sync_grads=True)
         whole.finish_step(step, epoch=1)
-    for part in ("student_module", "teacher", "loss_fn"):
+    for part in ("student", "teacher", "loss_fn"):
         err, key = max_relative_error(getattr(split, part).state_dict(),
                                       getattr(whole, part).state_dict())
         assert err < 1e-5, f"{part}.{key} differs by {err:.2e}"
@@ -95,7 +95,7 @@ def test_teacher_is_an_ema_of_the_student(tmp_path):
     engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
     engine.finish_step(1, epoch=1)
     m = float(engine.schedules.momentum[1])
-    for t0, t1, s in zip(before, engine.teacher.parameters(), engine.student_module.parameters()):
+    for t0, t1, s in zip(before, engine.teacher.parameters(), engine.student.parameters()):
         torch.testing.assert_close(t1, m * t0 + (1 - m) * s.detach(), rtol=1e-5, atol=1e-7)
 
 

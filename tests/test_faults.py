@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_dist.checkpoint.single_file import list_checkpoints, load_newest_valid
+from dino_dist.checkpoint.directory import list_checkpoints
+from dino_dist.checkpoint.reader import load_newest_valid
 from tests.conftest import REPO, child_pids, free_port, run_train, subprocess_env, tiny_overrides
 
 # 32 images, batch 8: 4 steps per epoch, 12 in all; a checkpoint after every step.

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_dist.cli.export import export, sidecar
+from dino_dist.checkpoint.export import export, sidecar
 from dino_dist.models import build_backbone
-from dino_dist.checkpoint.sharded import MARKER
+from dino_dist.checkpoint.directory import COMMIT_MARKER as MARKER
 from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,
                             run_train, state_at, subprocess_env, tiny_overrides,
                             write_image_folder)

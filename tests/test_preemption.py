@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from dino_dist.cluster.requeue import EXIT_STOPPED, install_stop_handlers, requeue_decision
+from dino_dist.cluster.requeue import EXIT_STOPPED, requeue_decision
+from dino_dist.distributed.stop import install_stop_handlers
 from dino_dist.distributed.stop import STOP_REQUEST
 from tests.conftest import REPO, run_train, subprocess_env, tiny_overrides
 

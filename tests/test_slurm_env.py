@@ -9,7 +9,8 @@ import pytest
 
 from dino_dist.config import load_config
 from dino_dist.distributed.slurm_env import PORT_BASE, PORT_SPAN, first_node, port_for_job, slurm_rendezvous
-from dino_dist.cluster.submit import parse_args, resolve_config, slurm_parameters, submit
+from dino_dist.cli.submit import parse_args, submit
+from dino_dist.cluster.submit import resolve_config, slurm_parameters
 from tests.conftest import REPO, subprocess_env
 
 
@@ -44,8 +45,9 @@ def test_rendezvous_only_inside_a_slurm_task(monkeypatch):
 
 def test_two_slurm_style_tasks_meet_without_master_variables(tmp_path):
     """Two processes with only SLURM's variables form a gloo group (no torchrun, no file)."""
-    script = ("import torch, dino_dist.distributed.env as d; env = d.init_distributed('cpu');"
-              "t = torch.ones(1); d.all_reduce_sum_(t); print(env.rank, int(t.item()));"
+    script = ("import torch, dino_dist.distributed.env as d, dino_dist.distributed.collectives as c;"
+              "env = d.init_distributed('cpu');"
+              "t = torch.ones(1); c.all_reduce_sum_(t); print(env.rank, int(t.item()));"
               "d.teardown()")
     env = subprocess_env()
     env.update(SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID=str(os.getpid() % 10_000 + 7),

@@ -2,8 +2,9 @@
 
 The engine calls `clock.mark(phase)` at each phase boundary: "the time since the previous
 mark was spent in `phase`". Training runs with the engine's default clock, whose mark does
-nothing; the benchmark installs a PhaseClock for a separate, shorter pass, because the
-device synchronisation it needs for honest GPU times would itself slow the step.
+nothing; the benchmark builds its engine with a PhaseClock that records only between
+`start()` and `stop()` (a separate, shorter pass), because the device synchronisation it
+needs for honest GPU times would itself slow the timed steps.
 """
 from __future__ import annotations
 
@@ -21,12 +22,19 @@ class PhaseClock:
         self.synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.seconds: dict[str, float] = defaultdict(float)
         self.last = time.perf_counter()
+        self.running = False
 
-    def restart(self) -> None:
+    def start(self) -> None:
         self.synchronize()
         self.last = time.perf_counter()
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
 
     def mark(self, phase: str) -> None:
+        if not self.running:
+            return
         self.synchronize()
         now = time.perf_counter()
         self.seconds[phase] += now - self.last

@@ -20,7 +20,7 @@ from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.config import Config
 from dino_dist.distributed.env import DistEnv
-from dino_dist.observe.metrics import peak_memory_mb
+from dino_dist.observe.memory import host_peak_rss_mb, peak_memory_mb
 
 
 @dataclass
@@ -109,7 +109,8 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     from dino_dist.training.build import build_training  # heavy imports after argument checks
 
     cfg = _bench_config(cfg, bench_images if settings.synthetic else None)
-    training = build_training(cfg, env)
+    clock = PhaseClock(env.device)  # idle until the phase pass starts it
+    training = build_training(cfg, env, clock=clock)
     engine, device = training.engine, env.device
     floor_crops = synthetic_crops(cfg, device)
     floor = ModelFloor(training.student, training.teacher, cfg.data.global_crops_number,
@@ -134,7 +135,7 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     step_seconds, floor_seconds = sum(seconds["step"]), sum(seconds["floor"])
     # floor time / step time per round: robust to a burst of load from elsewhere
     round_ratios = [floor / step for step, floor in zip(seconds["step"], seconds["floor"])]
-    shares = _phase_shares(engine, runner, settings.phase_steps, device)
+    shares = _phase_shares(clock, runner, settings.phase_steps)
 
     steps = per_round * settings.rounds
     images_per_step = cfg.optim.batch_size_per_gpu * accum  # per rank
@@ -150,7 +151,7 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
         "efficiency": round(images_per_s / floor_images_per_s, 4),
         "efficiency_median_round": round(statistics.median(round_ratios), 4),
         "phase_share": shares,
-        "peak_host_rss_mb": round(_host_peak_rss_mb(), 1),
+        "peak_host_rss_mb": round(host_peak_rss_mb(), 1),
         "peak_device_memory_mb": round(peak_memory_mb(device), 1) if device.type == "cuda" else None,
         "model_gflop_per_step": round(flops_per_step / 1e9, 3),
         "mfu": _rounded(mfu(flops_per_step, seconds_per_step, device_peak_flops(device, cfg.train.precision))),
@@ -162,24 +163,18 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     }
 
 
-def _phase_shares(engine, runner: StepRunner, steps: int, device: torch.device) -> dict:
+def _phase_shares(clock: PhaseClock, runner: StepRunner, steps: int) -> dict:
+    """A separate pass with the engine's clock running: its synchronisation would slow the
+    timed steps, so it only runs here."""
     if steps <= 0:
         return {}
-    clock = PhaseClock(device)
-    idle_clock, engine.clock = engine.clock, clock
+    clock.start()
     try:
-        clock.restart()
         for _ in range(steps):
             runner()
     finally:
-        engine.clock = idle_clock
+        clock.stop()
     return clock.shares()
-
-
-def _host_peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _rounded(value: float | None) -> float | None:

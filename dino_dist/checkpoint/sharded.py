@@ -28,26 +28,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from dino_dist.checkpoint.single_file import (COMMIT_MARKER, FORMAT_VERSION, CheckpointError, atomic_write,
-                                  fsync_dir)
-from dino_dist.distributed.env import barrier, broadcast_object
+from dino_dist.checkpoint.directory import COMMIT_MARKER, folder_name
+from dino_dist.checkpoint.files import FORMAT_VERSION, atomic_write, fsync_dir
+from dino_dist.checkpoint.single_file import write_error
+from dino_dist.errors import CheckpointError
+from dino_dist.distributed.collectives import barrier, broadcast_object
 
 LOG = logging.getLogger("dino_dist")
 MARKER = COMMIT_MARKER
 EXTRA_STATE = "state.pt"
-WEIGHT_KEYS = ("student", "teacher", "optimizer")
-
-
-def folder_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def dcp_state(engine) -> dict[str, Any]:
-    """Student, teacher and optimizer in DCP's layout (parameter-name keys, sharded tensors)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    return {"student": get_model_state_dict(engine.student_module),
-            "teacher": get_model_state_dict(engine.teacher),
-            "optimizer": get_optimizer_state_dict(engine.student_module, engine.optimizer)}
 
 
 def _distributed() -> bool:
@@ -64,22 +53,21 @@ class ShardedSaver:
         self.pending: Future | None = None
         self._group = None  # the background writer's own process group
 
-    def save(self, engine, state: dict[str, Any]) -> Path:
-        """`state`: checkpoint.training_state(...); its weights go through DCP."""
+    def save(self, weights: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """`weights`: state dicts in DCP's layout (sharded tensors), written by every rank;
+        `extra`: the rest of the state (small, plain), written by rank 0 into state.pt."""
         self.wait()
-        folder = self.directory / folder_name(state["step"])
-        extra = {k: v for k, v in state.items() if k not in WEIGHT_KEYS}
+        folder = self.directory / folder_name(extra["step"])
         error = None
         if self.is_main:
             try:
                 _prepare_folder(folder)
                 atomic_write(folder / EXTRA_STATE, lambda f: torch.save(extra, f))
             except OSError as err:
-                error = _write_error(folder, err)
+                error = write_error(folder, err)
         error = broadcast_object(error)
         if error:
             raise CheckpointError(error)
-        weights = dcp_state(engine)
         if self.async_save:
             self.pending = self._start_async(weights, folder, extra)
             return folder
@@ -125,7 +113,7 @@ class ShardedSaver:
                 write_marker(folder, extra)
                 self.after_commit()
             except OSError as err:
-                error = _write_error(folder, err)
+                error = write_error(folder, err)
         if wait_for_ranks:
             error = broadcast_object(error)
         if error:
@@ -149,11 +137,6 @@ def _prepare_folder(folder: Path) -> None:
     if folder.exists():  # an uncommitted attempt at this step (a kill mid-save): start over
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-
-
-def _write_error(folder: Path, err: OSError) -> str:
-    return (f"cannot write checkpoint '{folder}' ({err.strerror or err}): free disk space or "
-            f"fix the folder's permissions, then restart; earlier checkpoints are kept")
 
 
 def write_marker(folder: Path, extra: dict[str, Any]) -> None:
@@ -198,22 +181,18 @@ def load_extra_state(folder: Path, map_location) -> dict[str, Any]:
                               f"({type(err).__name__}): the folder is damaged")
 
 
-def load_weights(folder: Path, engine) -> None:
-    """Read the student, teacher and optimizer into the run's current layout (any world size,
-    sharded or not): DCP reshards by the tensors' global offsets."""
+def read_weights(folder: Path, weights: dict[str, Any]) -> dict[str, Any]:
+    """Fill `weights` (state dicts in the reader's own layout, any world size, sharded or not)
+    from the folder: DCP reshards by the tensors' global offsets. Optimizer states the folder
+    does not hold are dropped from the request (see only_saved_parameter_states)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    weights = dcp_state(engine)
-    weights["optimizer"] = only_saved_parameter_states(weights["optimizer"], saved_keys(folder))
+    if "optimizer" in weights:
+        weights = {**weights, "optimizer": only_saved_parameter_states(weights["optimizer"],
+                                                                        saved_keys(folder))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(weights, checkpoint_id=str(folder), no_dist=not _distributed())
-    set_model_state_dict(engine.student_module, weights["student"])
-    set_model_state_dict(engine.teacher, weights["teacher"])
-    # Not strict: parameters without a saved state (see above) stay without one.
-    set_optimizer_state_dict(engine.student_module, engine.optimizer, weights["optimizer"],
-                             options=StateDictOptions(strict=False))
+    return weights
 
 
 def saved_keys(folder: Path) -> set[str]:
@@ -238,17 +217,23 @@ def only_saved_parameter_states(optimizer_state: dict[str, Any], keys: set[str])
 
 
 def read_full(folder: Path) -> dict[str, Any]:
-    """A committed folder as whole (unsharded) tensors in one process: the extra state plus
-    `student` and `teacher` state dicts, for export, inspection and tests."""
+    """A committed folder as whole (unsharded) tensors in one process, with no model to load
+    into: the extra state plus the `student` and `teacher` state dicts, for export,
+    inspection and tests. The tensors' global shapes come from DCP's metadata."""
     import torch.distributed.checkpoint as dcp
-    from dino_dist.training.build import build_student_teacher
-    from dino_dist.config import config_from_dict
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     read_marker(folder)
     state = load_extra_state(folder, "cpu")
-    student, teacher = build_student_teacher(config_from_dict(state["config"]))
-    weights = {"student": student.state_dict(), "teacher": teacher.state_dict()}
+    stored = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    flat = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in stored.items() if isinstance(meta, TensorStorageMetadata)
+            and key.split(".", 1)[0] in ("student", "teacher")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(weights, checkpoint_id=str(folder), no_dist=True)
-    return {**state, **weights}
+        dcp.load(flat, checkpoint_id=str(folder), no_dist=True)
+    for key, tensor in flat.items():
+        part, name = key.split(".", 1)
+        state.setdefault(part, {})[name] = tensor
+    return state

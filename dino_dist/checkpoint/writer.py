@@ -1,16 +1,20 @@
 """Writes a run's checkpoints in the format its parallelism needs.
 
-DDP (and single-process) runs: one rank-0 file per save (dino_dist.checkpoint.single_file). FSDP runs: one
-folder of shards per save (dino_dist.checkpoint.sharded), optionally written in the
-background. Both prune old checkpoints only after the new one is committed.
+DDP (and single-process) runs: one rank-0 file per save (`single_file`). FSDP runs: one
+folder of shards per save (`sharded`), optionally written in the background. Both prune old
+checkpoints only after the new one is committed.
+
+What is saved is the caller's business: `save` takes an object with `state_dict(weights=...)`
+(the whole state, or all but the weights) and `sharded_weights()` (the weights in DCP's
+layout), such as `dino_dist.training.state.TrainingState`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from dino_dist.checkpoint.single_file import prune_checkpoints, save_checkpoint
+from dino_dist.checkpoint.directory import prune_checkpoints
 from dino_dist.checkpoint.sharded import ShardedSaver
+from dino_dist.checkpoint.single_file import save_file
 
 
 class CheckpointWriter:
@@ -18,20 +22,27 @@ class CheckpointWriter:
                  keep_every_epochs: int = 0, sharded: bool = False, async_save: bool = False):
         self.directory, self.is_main = directory, is_main
         self.keep_last, self.keep_every_epochs = keep_last, keep_every_epochs
-        self.sharded = ShardedSaver(directory, is_main, async_save, self._prune) if sharded else None
+        self.sharded_saver = ShardedSaver(directory, is_main, async_save, self._prune) \
+            if sharded else None
+
+    @property
+    def writes_in_background(self) -> bool:
+        return self.sharded_saver is not None and self.sharded_saver.async_save
 
     def _prune(self) -> None:
         if self.keep_last:
             prune_checkpoints(self.directory, self.keep_last, self.keep_every_epochs)
 
-    def save(self, engine, state: dict[str, Any]) -> Path:
-        """`state` from checkpoint.training_state (a collective: call on every rank)."""
-        if self.sharded is not None:
-            return self.sharded.save(engine, state)
-        return save_checkpoint(self.directory, state, self.is_main, self.keep_last,
-                               self.keep_every_epochs)
+    def save(self, state) -> Path:
+        """A collective: call on every rank (each contributes its RNG state, and its shards)."""
+        if self.sharded_saver is not None:
+            return self.sharded_saver.save(state.sharded_weights(), state.state_dict(weights=False))
+        path = save_file(self.directory, state.state_dict(weights=True), self.is_main)
+        if self.is_main:
+            self._prune()
+        return path
 
     def wait(self) -> None:
         """Until a background save (if any) is committed."""
-        if self.sharded is not None:
-            self.sharded.wait()
+        if self.sharded_saver is not None:
+            self.sharded_saver.wait()

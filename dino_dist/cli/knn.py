@@ -6,19 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-
-from dino_dist.checkpoint.single_file import CheckpointError
-from dino_dist.cli.export import backbone_weights, read_training_state, sidecar
-from dino_dist.config import config_from_dict
-from dino_dist.data import DataError, LabelledImageDataset, eval_transform
+from dino_dist.data import LabelledImageDataset, eval_transform
 from dino_dist.distributed.env import init_distributed, teardown
+from dino_dist.errors import CheckpointError, DataError
+from dino_dist.eval.backbone import backbone_from_checkpoint
 from dino_dist.eval.knn import knn_accuracy
-from dino_dist.models import build_backbone
 
 
 def parse_args(argv):
@@ -36,26 +31,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def teacher_backbone(checkpoint: Path, device):
-    """From a training checkpoint (file or FSDP folder) or a `dino-export`ed backbone."""
-    if sidecar(checkpoint).is_file():
-        info = json.loads(sidecar(checkpoint).read_text())
-        cfg = config_from_dict({"model": {k: info[k] for k in ("arch", "patch_size", "img_size")}})
-        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    else:
-        state = read_training_state(checkpoint)
-        cfg = config_from_dict(state["config"])
-        weights = backbone_weights(state, "teacher")
-    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
-    backbone.load_state_dict(weights, strict=True)
-    return backbone.to(device), cfg
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     env = init_distributed(args.device)
     try:
-        backbone, cfg = teacher_backbone(args.checkpoint, env.device)
+        backbone, cfg = backbone_from_checkpoint(args.checkpoint, env.device)
         transform = eval_transform(args.image_size or cfg.eval.image_size)
         train_set = LabelledImageDataset(args.train_data, transform)
         val_set = LabelledImageDataset(args.val_data, transform)

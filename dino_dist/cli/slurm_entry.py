@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from dino_dist.cluster.requeue import install_stop_handlers
+from dino_dist.distributed.stop import install_stop_handlers
 
 
 def cli() -> None:

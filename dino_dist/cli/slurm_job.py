@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from dino_dist.cluster.requeue import EXIT_LOCAL_REQUEUE, EXIT_STOPPED, install_stop_handlers
+from dino_dist.cluster.requeue import EXIT_LOCAL_REQUEUE, EXIT_STOPPED
+from dino_dist.distributed.stop import install_stop_handlers
 
 
 class TrainJob:

@@ -1,21 +1,18 @@
-"""Survive SLURM time limits and preemption: signal → stop flag → (checkpoint) → requeue.
+"""After a stop (SLURM time limit, preemption): requeue the job, or say why not.
 
-The handlers only set `STOP_REQUEST`: a signal arrives between two bytecodes of the main
-thread, maybe inside a collective, so touching the process group or files there could hang or
-corrupt. The training loop folds the flag into its per-step reduction, so all ranks stop at
-the same step boundary and rank 0 commits a checkpoint there; only then, with every rank out
-of the loop, does rank 0 ask SLURM to requeue the job. The requeued job resumes from the
-newest valid checkpoint in `train.output_dir` by itself, so no step is lost.
+The signal handlers (`dino_dist.distributed.stop`) only set a flag; the training loop folds it
+into its per-step reduction, so all ranks stop at the same step boundary and rank 0 commits a
+checkpoint there. Only then, with every rank out of the loop, does rank 0 ask SLURM to requeue
+the job here. The requeued job resumes from the newest valid checkpoint in
+`train.output_dir` by itself, so no step is lost.
 """
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 
 from dino_dist.distributed.slurm_env import slurm_job_id, slurm_restart_count
-from dino_dist.distributed.stop import STOP_REQUEST
 
 LOG = logging.getLogger("dino_dist")
 
@@ -26,33 +23,6 @@ EXIT_LOCAL_REQUEUE = 144
 # SLURM states from which a requeue continues the run. A CANCELLED job also gets a SIGTERM
 # (from scancel), and requeueing it would bring back a run the user meant to end.
 REQUEUEABLE_STATES = ("RUNNING", "TIMEOUT")
-
-
-def _request_stop(signum, _frame) -> None:
-    STOP_REQUEST.request(signal.Signals(signum).name)
-
-
-def install_stop_handlers(include_term: bool) -> None:
-    """USR2 (SLURM's/submitit's warning signal) always; TERM where a scheduler sends it.
-
-    TERM is left alone for plain and torchrun processes: torchrun stops the survivors of a
-    failed worker with TERM, and they must not wait in a collective for a dead peer.
-    """
-    signals = (signal.SIGUSR2, signal.SIGTERM) if include_term else (signal.SIGUSR2,)
-    for sig in signals:
-        signal.signal(sig, _request_stop)
-
-
-def ignore_stop_signals() -> None:
-    """Once training has ended there is nothing left to save, and a late USR2/TERM must not
-    kill the exit: Python restores the default actions (terminate) of its own handlers while
-    shutting down, but leaves ignored signals ignored."""
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def under_slurm() -> bool:
-    return slurm_job_id() is not None
 
 
 def job_state(job_id: str) -> str | None:

@@ -1,12 +1,9 @@
-"""`launch/submit.py` / `dino-submit`: send a dino-train run to SLURM through submitit.
+"""Sending a run to SLURM through submitit, and following it through its requeues.
 
-    python launch/submit.py --config configs/vit_small_16.yaml --nodes 4 --gpus-per-node 8 \\
-        --partition P --timeout-min 4320 data.path=/data/imagenet/train
-
-Cluster settings come from the options, else from the config's `slurm:` section, else from
-SLURM's own defaults; nothing about any cluster is written here. The options are also passed
-to the job as `slurm.*` overrides, so the run directory's config.yaml records them and the job
-knows its `slurm.max_requeues`.
+Cluster settings come from the command's options, else from the config's `slurm:` section,
+else from SLURM's own defaults; nothing about any cluster is written here. The options are
+also passed to the job as `slurm.*` overrides, so the run directory's config.yaml records them
+and the job knows its `slurm.max_requeues`.
 """
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from dino_dist.config import DEFAULT_CONFIG, Config, ConfigError, SlurmConfig, load_config
+from dino_dist.config import Config, SlurmConfig, load_config
 from dino_dist.cluster.requeue import job_state
 from dino_dist.errors import SubmitError
 
@@ -30,33 +27,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 SLURM_OPTIONS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb",
                  "partition", "account", "qos", "constraint", "timeout_min", "signal_delay_s",
                  "max_requeues", "job_name")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="submit.py", description="Submit dino-train to SLURM (submitit); the job saves "
-        "at the next step boundary on USR2/TERM and requeues itself.")
-    p.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
-    p.add_argument("--nodes", type=int)
-    p.add_argument("--gpus-per-node", type=int)
-    p.add_argument("--tasks-per-node", type=int, help="default: one per GPU, 1 without GPUs")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--mem-gb", type=int)
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
-    p.add_argument("--timeout-min", type=int, help="wall-time limit of one allocation")
-    p.add_argument("--signal-delay-s", type=int,
-                   help="USR2 this many seconds before the limit (save, then requeue)")
-    p.add_argument("--max-requeues", type=int, help="self-requeues allowed after signals")
-    p.add_argument("--job-name")
-    p.add_argument("--wait", action="store_true",
-                   help="block until the job ends; print its final state and the run directory")
-    p.add_argument("--local", action="store_true",
-                   help="run through submitit's local executor (a machine without SLURM)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
-    return p.parse_args(argv)
 
 
 def resolve_config(config_path: str, args: argparse.Namespace) -> tuple[Config, list[str]]:
@@ -117,33 +87,6 @@ def make_executor(folder: Path, settings: SlurmConfig, local: bool):
     return executor
 
 
-def submit(argv: list[str] | None = None) -> int:
-    from dino_dist.cli.slurm_job import TrainJob
-
-    args = parse_args(argv)
-    # Absolute paths: the job may start in another directory, on another node.
-    config_path = str(Path(args.config).resolve() if args.config else DEFAULT_CONFIG)
-    try:
-        cfg, slurm_words = resolve_config(config_path, args)
-        run_dir = Path(cfg.train.output_dir).resolve()
-        executor = make_executor(run_dir / "slurm", cfg.slurm, args.local)
-    except (ConfigError, SubmitError) as err:
-        print(f"submit.py: error: {err}", file=sys.stderr)
-        return 2
-    overrides = [*args.overrides, *slurm_words, f"train.output_dir={run_dir}"]
-    job = executor.submit(TrainJob(config_path, overrides))
-    print(f"job id: {job.job_id}")
-    print(f"logs: {job.paths.stdout} and {job.paths.stderr} (task 0; other tasks beside them)")
-    print(f"run directory: {run_dir}")
-    sys.stdout.flush()
-    if not args.wait:
-        return 0
-    state = wait_local(job) if args.local else wait_slurm(job.job_id)
-    print(f"final state: {state}")
-    print(f"run directory: {run_dir}")
-    return 0 if state == "COMPLETED" else 1
-
-
 def wait_slurm(job_id: str, poll_s: float = 2.0) -> str:
     """Follow the job through requeues with squeue (sacct needs an accounting database)."""
     last, unseen = None, 0
@@ -180,11 +123,3 @@ def wait_local(job) -> str:
     except Exception as err:  # submitit re-raises the job's failure with its traceback
         print(f"job {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
         return "FAILED"
-
-
-def cli() -> None:
-    sys.exit(submit())
-
-
-if __name__ == "__main__":
-    cli()

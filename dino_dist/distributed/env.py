@@ -1,8 +1,9 @@
-"""Who am I in the job: rank, world size and device from the launcher's environment.
+"""Who am I in the job: rank, world size and device from the launcher's environment, and the
+process group's start and end.
 
-This is the only module that reads launcher variables. torchrun sets RANK/WORLD_SIZE/
-LOCAL_RANK/MASTER_ADDR/MASTER_PORT; a SLURM task without torchrun has SLURM_PROCID/
-SLURM_NTASKS/SLURM_LOCALID; a plain process is rank 0 of 1 and needs no process group.
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; a SLURM task without torchrun
+has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (and its rendezvous from `slurm_env`); a plain
+process is rank 0 of 1 and needs no process group.
 """
 from __future__ import annotations
 
@@ -122,65 +123,9 @@ def restart_scoped_store(rank: int, world: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"dino_dist/restart_{restart}", store)
 
 
-def set_collective_timeout(timeout_s: int) -> None:
-    """After start-up, let a collective that waits this long fail instead of hanging forever."""
-    if not dist.is_initialized():
-        return
-    timeout = datetime.timedelta(seconds=timeout_s)
-    if hasattr(dist, "set_timeout"):
-        dist.set_timeout(timeout)
-    else:  # torch before the public setter
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-        _set_pg_timeout(timeout)
-
-
-# What gloo and NCCL say when a peer died or stopped answering (they raise plain RuntimeError).
-_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection reset", "Connection closed",
-                       "Broken pipe", "NCCL communicator was aborted", "DistBackendError")
-
-
-def describe_collective_failure(err: BaseException, timeout_s: int) -> str | None:
-    """A one-line explanation when `err` is a collective that lost a peer, else None."""
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if not (isinstance(err, dist.DistError) or any(s in first_line for s in _PEER_FAILURE_SIGNS)):
-        return None
-    detail = first_line.split("] ", 1)[-1][:200]  # drop gloo's source-file prefix
-    return (f"a collective failed ({detail}): another process died or stopped answering "
-            f"within train.dist_timeout_s={timeout_s}; restart the job to resume from the "
-            f"newest checkpoint")
-
-
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks; a no-op in a single process."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_gather_objects(obj):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def configure_cpu_threads(env: DistEnv, loader_workers: int) -> int:

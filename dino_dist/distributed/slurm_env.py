@@ -53,3 +53,7 @@ def slurm_rendezvous() -> tuple[str, int] | None:
     if not nodelist or not job_id or "SLURM_PROCID" not in os.environ:
         return None
     return first_node(nodelist), port_for_job(job_id)
+
+
+def under_slurm() -> bool:
+    return slurm_job_id() is not None

@@ -15,7 +15,6 @@ from dino_dist.config import Config
 from dino_dist.data import LabelledImageDataset, ensure_demo_dataset, eval_transform
 from dino_dist.distributed.env import DistEnv
 from dino_dist.eval.knn import knn_accuracy, live_backbone
-from dino_dist.observe.metrics import MetricsWriter
 from dino_dist.models import build_backbone
 
 LOG = logging.getLogger("dino_dist")
@@ -64,8 +63,8 @@ def random_init_backbone(cfg: Config) -> nn.Module:
     return build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
 
 
-def report_knn_at_end(cfg: Config, env: DistEnv, teacher: nn.Module, knn_sets: KnnSets,
-                      metrics: MetricsWriter, step: int) -> dict[str, float]:
+def report_knn_at_end(cfg: Config, env: DistEnv, teacher: nn.Module,
+                      knn_sets: KnnSets) -> dict[str, float]:
     """Every rank: the teacher (sharded or not) and the random-init backbone on the k-NN sets."""
     train_set, val_set = knn_sets
     e = cfg.eval
@@ -80,5 +79,4 @@ def report_knn_at_end(cfg: Config, env: DistEnv, teacher: nn.Module, knn_sets: K
     LOG.info("k-NN (k=%d) on %s: teacher top-1 %.2f%% top-5 %.2f%% | random init top-1 %.2f%% "
              "top-5 %.2f%%", e.knn_k, val_set.root, scores["knn_top1"], scores["knn_top5"],
              scores["knn_top1_random_init"], scores["knn_top5_random_init"])
-    metrics.write(step, scores)
     return scores

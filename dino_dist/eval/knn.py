@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dino_dist.distributed.env import DistEnv, all_gather_objects
+from dino_dist.distributed.collectives import all_gather_objects
+from dino_dist.distributed.env import DistEnv
 
 
 def rank_batches(num_items: int, env: DistEnv, batch_size: int) -> tuple[list[list[int]], int]:

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from dino_dist.checkpoint.single_file import rng_state, set_rng_state
+from dino_dist.distributed.rng import rng_state, set_rng_state
 from dino_dist.config import Config, ConfigError
 from dino_dist.data import MultiCropAugmentation, MultiCropDataset, collate_multicrop, demo_val_root
-from dino_dist.distributed.env import DistEnv, all_reduce_sum_, broadcast_object
+from dino_dist.distributed.collectives import all_reduce_sum_, broadcast_object
+from dino_dist.distributed.env import DistEnv
 from dino_dist.eval.knn import knn_accuracy, live_backbone, rank_batches
 
 LOG = logging.getLogger("dino_dist")
@@ -147,7 +148,7 @@ class PeriodicEvaluation:
                 f"{e.best_epoch}, step {e.best_step})")
 
     def _measure(self, schedule_step: int) -> dict:
-        modules = (self.teacher, self.engine.student_module)
+        modules = (self.teacher, self.engine.student)
         modes = [m.training for m in modules]
         for module in modules:
             module.eval()
@@ -181,7 +182,7 @@ class PeriodicEvaluation:
         loader = DataLoader(self._val_set, batch_sampler=[[(0, i) for i in b] for b in batches],
                             collate_fn=collate_multicrop)
         engine = self.engine
-        temp = float(engine.schedules.teacher_temp[min(schedule_step, engine.schedules.total_steps - 1)])
+        temp = engine.schedules.teacher_temp_at(schedule_step)
         total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for crops, _labels, _skipped in loader:
             loss, images = self._loss_of(crops, temp)
@@ -189,7 +190,7 @@ class PeriodicEvaluation:
                                   torch.tensor(images, dtype=torch.float64, device=self.env.device)))
         for _ in range(stand_ins):  # dropped: keeps a sharded model's collectives in step
             self._loss_of(collate_multicrop([self._val_set[(0, 0)]])[0], temp)
-        for model in (self.teacher, engine.student_module):
+        for model in (self.teacher, engine.student):
             if hasattr(model, "reshard"):  # an FSDP2 root keeps its gathered parameters
                 model.reshard()
         loss_sum, count = all_reduce_sum_(total).tolist()
@@ -200,6 +201,6 @@ class PeriodicEvaluation:
         engine = self.engine
         with engine.autocast():
             teacher_out = self.teacher(crops[: self.cfg.data.global_crops_number])
-            student_out = engine.student_module(crops)
+            student_out = engine.student(crops)
             loss = engine.loss_fn(student_out, teacher_out, temp, len(crops))
         return loss, len(crops[0])

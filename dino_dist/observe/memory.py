@@ -22,6 +22,13 @@ def host_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory on GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return host_peak_rss_mb()
+
+
 def memory_values(device: torch.device) -> dict[str, float]:
     """Host RSS (now and peak); on CUDA also allocated, reserved and peak allocated memory."""
     values = {"host_rss_mb": host_rss_mb(), "host_peak_rss_mb": host_peak_rss_mb()}

@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 LOGGER_NAME = "dino_dist"
 
@@ -33,13 +31,6 @@ def setup_logging(output_dir: Path | None, is_main: bool) -> logging.Logger:
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     return logger
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory on GPU, else the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def format_eta(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""`dino-plot RUN_DIR`: PNG figures of a run's curves from its metrics.jsonl.
+"""PNG figures of a run's curves from its metrics.jsonl (the `dino-plot` command's work).
 
     dino-plot runs/demo                # writes runs/demo/plots/*.png and prints their names
     dino-plot runs/demo --out figs/
@@ -9,9 +9,7 @@ some steps twice; the later record of a step wins.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from dino_dist.errors import PlotError
@@ -91,26 +89,3 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [draw_figure(series, name, title, panels, out_dir) for name, title, panels in FIGURES]
     return [path for path in written if path is not None]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dino-plot", description="PNG figures of a run's curves")
-    parser.add_argument("run_dir", type=Path, help="the run's train.output_dir")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNGs (RUN/plots)")
-    args = parser.parse_args(argv)
-    try:
-        paths = plot_run(args.run_dir, args.out)
-    except (PlotError, OSError) as err:
-        print(f"dino-plot: error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
-
-
-def cli() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    cli()

@@ -13,22 +13,20 @@ from dino_dist.config import Config
 from dino_dist.observe.diagnostics import StepStatistics, parameter_groups, state_values
 from dino_dist.observe.health import HealthMonitor, HealthWarning, small_batch_warning
 from dino_dist.observe.memory import memory_values
-from dino_dist.training.schedules import total_batch_size
 
 LOG = logging.getLogger("dino_dist")
 
 
 class StepReporter:
-    def __init__(self, cfg: Config, engine, dataset_size: int):
+    def __init__(self, cfg: Config, engine, dataset_size: int, total_batch: int):
         self.engine = engine
-        groups = parameter_groups(engine.student_module, engine.trainable,
+        groups = parameter_groups(engine.student, engine.trainable,
                                   engine.last_layer_params)
         self.stats = StepStatistics(cfg.model.out_dim, groups, engine.env.device)
         self.collecting = False
         self.monitor = HealthMonitor(cfg.model.out_dim, cfg.log.collapse_window,
                                      cfg.train.precision)
-        warning = small_batch_warning(total_batch_size(cfg, engine.env.world_size),
-                                      cfg.optim.teacher_momentum, dataset_size)
+        warning = small_batch_warning(total_batch, cfg.optim.teacher_momentum, dataset_size)
         if warning is not None:
             LOG.warning("warning: %s", warning.message)
 

@@ -16,11 +16,10 @@ from dino_dist.config import Config, ConfigError
 from dino_dist.data import build_train_loader
 from dino_dist.distributed.env import DistEnv, configure_cpu_threads
 from dino_dist.training.engine import DinoEngine
-from dino_dist.training.loop import micro_batches_per_epoch, steps_per_epoch
 from dino_dist.training.loss import DINOLoss
 from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
 from dino_dist.distributed.parallel import prepare_models
-from dino_dist.training.schedules import build_schedules
+from dino_dist.training.schedules import build_schedules, micro_batches_per_epoch, steps_per_epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -58,7 +57,8 @@ class Training:
     sampler: object
 
 
-def build_training(cfg: Config, env: DistEnv) -> Training:
+def build_training(cfg: Config, env: DistEnv, clock=None) -> Training:
+    """`clock`: the engine's phase clock (dino-bench); None in training."""
     configure_cpu_threads(env, cfg.data.num_workers)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_student_teacher(cfg)
@@ -82,7 +82,7 @@ def build_training(cfg: Config, env: DistEnv) -> Training:
         freeze_last_layer_epochs=o.freeze_last_layer,
         last_layer_params=last_layer_parameters(student),
         n_global_crops=cfg.data.global_crops_number,
-        max_nonfinite_steps=cfg.train.max_nonfinite_steps)
+        max_nonfinite_steps=cfg.train.max_nonfinite_steps, clock=clock)
     teacher.train()  # as the reference: BN (ResNet) uses batch statistics in the teacher too
     wrapped.train()
     return Training(engine, student, teacher, loader, sampler)

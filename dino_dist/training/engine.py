@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dino_dist.distributed.env import DistEnv, all_reduce_sum_
+from dino_dist.distributed.collectives import all_reduce_sum_
+from dino_dist.distributed.env import DistEnv
 from dino_dist.errors import NonFiniteLossError
 from dino_dist.training.loss import DINOLoss
 from dino_dist.training.schedules import Schedules
@@ -52,13 +53,16 @@ class StepResult:
 
 
 class DinoEngine:
-    def __init__(self, student: nn.Module, student_module: nn.Module, teacher: nn.Module,
+    def __init__(self, student_wrapper: nn.Module, student: nn.Module, teacher: nn.Module,
                  loss_fn: DINOLoss, optimizer: torch.optim.Optimizer, schedules: Schedules,
                  env: DistEnv, precision: str = "fp32", clip_grad: float = 0.0,
                  clip_mode: str = "per_param", freeze_last_layer_epochs: int = 0,
                  last_layer_params: list[nn.Parameter] | None = None,
-                 n_global_crops: int = 2, max_nonfinite_steps: int = 10):
-        self.student, self.student_module, self.teacher = student, student_module, teacher
+                 n_global_crops: int = 2, max_nonfinite_steps: int = 10, clock=None):
+        """`student_wrapper` runs forward/backward (the DDP wrapper, or the model itself when
+        unwrapped or FSDP-sharded); `student` is the model, whose weights are saved.
+        `clock` (dino_dist.bench.phases.PhaseClock) times the phases under dino-bench."""
+        self.student_wrapper, self.student, self.teacher = student_wrapper, student, teacher
         self.loss_fn, self.optimizer, self.schedules, self.env = loss_fn, optimizer, schedules, env
         self.precision = precision
         self.clip_grad, self.clip_mode = clip_grad, clip_mode
@@ -68,18 +72,58 @@ class DinoEngine:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # EMA pairs: every student tensor (trainable or frozen) mirrors a teacher tensor.
-        self.ema_student = list(student_module.parameters())  # updated under no_grad only
+        self.ema_student = list(student.parameters())  # updated under no_grad only
         self.ema_teacher = list(teacher.parameters())
-        self.trainable = [p for p in student_module.parameters() if p.requires_grad]
+        self.trainable = [p for p in student.parameters() if p.requires_grad]
         self.skipped_steps = 0  # steps not applied (non-finite loss or gradients), whole run
         self.bad_streak = 0  # consecutive skipped steps, checked against max_nonfinite_steps
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_images = 0  # unreadable images replaced by the data pipeline, all ranks
-        # A diagnostics.StepStatistics on logging steps (set by the loop), None otherwise:
-        # ordinary steps compute no statistics and send nothing extra.
-        self.stats = None
-        self.clock = _IdleClock()  # `mark(phase)` at each phase's end; see dino_dist.bench
+        self.clock = clock or _IdleClock()  # `mark(phase)` at each phase's end
         self._reset_pending()
+
+    WEIGHT_KEYS = ("student", "teacher", "optimizer")
+
+    def state_dict(self, weights: bool = True) -> dict:
+        """Scaler, center and counters; with `weights`, the student, teacher and optimizer
+        too (whole tensors, for single-file checkpoints)."""
+        state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                 "optimizer": self.optimizer.state_dict()} if weights else {}
+        return {**state, "scaler": self.scaler.state_dict(), "loss": self.loss_fn.state_dict(),
+                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The inverse of state_dict; the weights only when the state holds them (sharded
+        checkpoints load theirs through load_sharded_weights)."""
+        if "student" in state:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_images = int(state.get("skipped_images", 0))
+
+    def sharded_weights(self) -> dict:
+        """Student, teacher and optimizer in DCP's layout (parameter-name keys; a sharded
+        model's tensors stay shards), for sharded checkpoints at any world size."""
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        return {"student": get_model_state_dict(self.student),
+                "teacher": get_model_state_dict(self.teacher),
+                "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
+
+    def load_sharded_weights(self, weights: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        set_model_state_dict(self.student, weights["student"])
+        set_model_state_dict(self.teacher, weights["teacher"])
+        # Not strict: a parameter the checkpoint holds no state for (the last layer while
+        # it was frozen) stays without one, as in the run that was never stopped.
+        set_optimizer_state_dict(self.student, self.optimizer, weights["optimizer"],
+                                 options=StateDictOptions(strict=False))
 
     def _reset_pending(self) -> None:
         out_dim = self.loss_fn.center.shape[-1]
@@ -95,12 +139,15 @@ class DinoEngine:
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
 
     def micro_step(self, crops: list[torch.Tensor], step: int, loss_weight: float,
-                   sync_grads: bool, skipped_images: int = 0) -> None:
-        """Forward and backward of one micro-batch; `loss_weight` is 1/len(group)."""
+                   sync_grads: bool, skipped_images: int = 0, stats=None) -> None:
+        """Forward and backward of one micro-batch; `loss_weight` is 1/len(group).
+
+        `stats` (an observe.diagnostics.StepStatistics) is given on logging steps only:
+        ordinary steps compute no statistics and send nothing extra."""
         device = self.env.device
         crops = [c.to(device, non_blocking=True) for c in crops]
         self.clock.mark("data")
-        teacher_temp = float(self.schedules.teacher_temp[min(step, self.schedules.total_steps - 1)])
+        teacher_temp = self.schedules.teacher_temp_at(step)
         with self._gradient_sync(sync_grads):
             with self.autocast():
                 with torch.no_grad():
@@ -111,7 +158,7 @@ class DinoEngine:
                     # pre-EMA root weights instead of gathering the updated shards.
                     self.teacher.reshard()
                 self.clock.mark("teacher_forward")
-                student_out = self.student(crops)
+                student_out = self.student_wrapper(crops)
                 self.clock.mark("student_forward")
                 loss = self.loss_fn(student_out, teacher_out, teacher_temp, len(crops))
                 self.clock.mark("loss")
@@ -124,10 +171,11 @@ class DinoEngine:
         self.clock.mark("loss")
         self.pending_count += teacher_out.shape[0]
         self.pending_skipped_images += skipped_images
-        if self.stats is not None:
-            self.stats.add_teacher(teacher_out, self.loss_fn.center, teacher_temp)
+        if stats is not None:
+            stats.add_teacher(teacher_out, self.loss_fn.center, teacher_temp)
 
-    def finish_step(self, step: int, epoch: int, stop_requested: bool = False) -> StepResult:
+    def finish_step(self, step: int, epoch: int, stop_requested: bool = False,
+                    stats=None) -> StepResult:
         """Reduce the step's statistics across ranks, move the center, update student and teacher.
 
         `stop_requested` (this rank's flag) rides in the same reduction, so the answer in
@@ -137,22 +185,22 @@ class DinoEngine:
                                     float(stop_requested)],
                                    dtype=torch.float32, device=self.env.device)
         parts = (self.pending_teacher_sum, self.pending_loss, host_values)
-        if self.stats is not None:  # the statistics join the step's one reduction
-            parts = (self.stats.reduction_part(), *parts)
+        if stats is not None:  # the statistics join the step's one reduction
+            parts = (stats.reduction_part(), *parts)
         reduced = all_reduce_sum_(torch.cat(parts))
-        if self.stats is not None:
-            reduced = self.stats.take_reduced(reduced)
+        if stats is not None:
+            reduced = stats.take_reduced(reduced)
         teacher_sum = reduced[:-5]
         loss_sum, non_finite, count, skipped_images, stop_votes = reduced[-5:].tolist()
         self.clock.mark("communication")
         self.skipped_images += int(skipped_images)
         self._reset_pending()
-        step = min(step, self.schedules.total_steps - 1)  # a resharded resume may round past the end
+        step = self.schedules.index(step)
         images = int(count) // self.n_global_crops
         grad_norm = torch.full((), float("nan"), device=self.env.device)
         applied = non_finite == 0
         if applied:
-            grad_norm = self._unscale_and_clip(epoch)
+            grad_norm = self._unscale_and_clip(epoch, stats)
             # Gradients are identical on all ranks after DDP's all-reduce, so every rank
             # reaches the same verdict here without another collective.
             applied = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
@@ -171,9 +219,9 @@ class DinoEngine:
         return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
                           skipped=not applied, images=images, stop=stop_votes > 0)
 
-    def _unscale_and_clip(self, epoch: int) -> torch.Tensor:
+    def _unscale_and_clip(self, epoch: int, stats) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
+        grad_norm = self._clip_gradients(stats)
         if epoch < self.freeze_last_layer_epochs:
             for p in self.last_layer_params:
                 p.grad = None
@@ -208,10 +256,10 @@ class DinoEngine:
     def _gradient_sync(self, sync_grads: bool):
         """Skip the gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last
         micro-batch; FSDP then holds unsharded gradients until the step (the memory price)."""
-        if hasattr(self.student, "set_requires_gradient_sync"):
-            self.student.set_requires_gradient_sync(sync_grads)
+        if hasattr(self.student_wrapper, "set_requires_gradient_sync"):
+            self.student_wrapper.set_requires_gradient_sync(sync_grads)
             return contextlib.nullcontext()
-        no_sync = getattr(self.student, "no_sync", None)
+        no_sync = getattr(self.student_wrapper, "no_sync", None)
         return contextlib.nullcontext() if sync_grads or no_sync is None else no_sync()
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -222,14 +270,14 @@ class DinoEngine:
         squares = torch.stack(torch._foreach_norm(local_tensors(grads))) ** 2
         return list(all_reduce_sum_(squares).sqrt().unbind())
 
-    def _clip_gradients(self) -> torch.Tensor:
+    def _clip_gradients(self, stats=None) -> torch.Tensor:
         grads = [p.grad for p in self.trainable if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.env.device)
         norms = self._grad_norms(grads)
         grads = local_tensors(grads)  # scaling a shard in place scales that part of the parameter
-        if self.stats is not None:
-            self.stats.add_grad_norms(self.trainable, norms)
+        if stats is not None:
+            stats.add_grad_norms(self.trainable, norms)
         total_norm = torch.linalg.vector_norm(torch.stack(norms))
         if self.clip_grad <= 0:
             return total_norm

@@ -7,6 +7,7 @@ step boundary, on all ranks together, with a checkpoint at that step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from dino_dist.config import Config
 from dino_dist.delays import pause_seconds
 from dino_dist.distributed.env import DistEnv
 from dino_dist.training.engine import DinoEngine, StepResult
+from dino_dist.training.schedules import total_batch_size
 from dino_dist.distributed.stop import STOP_REQUEST
-from dino_dist.observe.metrics import MetricsWriter, ThroughputMeter, console_line, peak_memory_mb
+from dino_dist.observe.memory import peak_memory_mb
+from dino_dist.observe.metrics import MetricsWriter, ThroughputMeter, console_line
 from dino_dist.observe.step_report import StepReporter
 
 LOG = logging.getLogger("dino_dist")
@@ -40,6 +43,17 @@ class Position:
     epoch_samples: int = 0
     schedule_step: int = 0
 
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "Position":
+        """From a checkpoint; one written before `epoch_step`/`epoch_samples`/`schedule_step`
+        existed starts its epoch over and indexes the schedules by its step."""
+        return cls(int(state["step"]), int(state["epoch"]), int(state.get("epoch_step", 0)),
+                   int(state.get("epoch_samples", 0)),
+                   int(state.get("schedule_step", state["step"])))
+
     def after_step(self, images: int) -> "Position":
         return Position(self.step + 1, self.epoch, self.epoch_step + 1,
                         self.epoch_samples + images, self.schedule_step + 1)
@@ -54,14 +68,6 @@ class LoopEnd:
     stop_reason: str | None  # None: the configured training is complete
     early_stop: str | None = None  # why periodic evaluation ended training before its end
     images: int = 0  # images trained on by this process's loop, all ranks together
-
-
-def micro_batches_per_epoch(samples_per_rank: int, batch_size: int) -> int:
-    return samples_per_rank // batch_size
-
-
-def steps_per_epoch(micro_batches: int, accum_steps: int) -> int:
-    return -(-micro_batches // accum_steps)
 
 
 def training_done(cfg: Config, pos: Position) -> bool:
@@ -87,7 +93,8 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
     batch, accum = cfg.optim.batch_size_per_gpu, cfg.optim.accum_steps
     last_step = planned_steps(cfg, engine.schedules, start)
     pos, meter, run_start = start, ThroughputMeter(), time.perf_counter()
-    reporter = StepReporter(cfg, engine, sampler.dataset_len)
+    reporter = StepReporter(cfg, engine, sampler.dataset_len,
+                            total_batch_size(cfg, env.world_size))
     images = 0
     step_pause = pause_seconds("DINO_DIST_TEST_STEP_DELAY_S")  # read once: not per step
     while not training_done(cfg, pos):
@@ -97,14 +104,15 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
         while micro_left > 0 and not training_done(cfg, pos):
             group = min(accum, micro_left)
             micro_left -= group
-            engine.stats = reporter.statistics_for(is_logging_step(cfg, pos.step + 1, last_step))
+            stats = reporter.statistics_for(is_logging_step(cfg, pos.step + 1, last_step))
             for j in range(group):
                 wait_start = time.perf_counter()
                 crops, _labels, skipped = next(batches)
                 meter.add_wait(time.perf_counter() - wait_start)
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
-                                  sync_grads=j == group - 1, skipped_images=skipped)
-            result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested)
+                                  sync_grads=j == group - 1, skipped_images=skipped, stats=stats)
+            result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested,
+                                        stats)
             if step_pause:
                 time.sleep(step_pause)
             pos = pos.after_step(result.images)

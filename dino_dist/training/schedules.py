@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dino_dist.config import Config
+from dino_dist.config import LR_SCHEDULES, Config
 
 
 def cosine_schedule(base: float, final: float, epochs: int, steps_per_epoch: int,
@@ -29,9 +29,6 @@ def _cosine(base: float, final: float, t: np.ndarray, length: int) -> np.ndarray
 def _progress(n: int) -> np.ndarray:
     """0 at the first decay step, 1 at the last, so linear-type decays end exactly at `final`."""
     return np.arange(n) / max(n - 1, 1)
-
-
-LR_SCHEDULES = ("cosine", "linear", "cosine_restarts", "polynomial", "constant_after_decay")
 
 
 def lr_schedule(kind: str, base: float, final: float, epochs: int, steps_per_epoch: int,
@@ -76,6 +73,15 @@ def teacher_temp_schedule(warmup_temp: float, temp: float, warmup_epochs: int, e
     return np.repeat(per_epoch, steps_per_epoch)
 
 
+def micro_batches_per_epoch(samples_per_rank: int, batch_size: int) -> int:
+    return samples_per_rank // batch_size
+
+
+def steps_per_epoch(micro_batches: int, accum_steps: int) -> int:
+    """Optimizer steps per epoch: the last, possibly short, group of micro-batches is a step."""
+    return -(-micro_batches // accum_steps)
+
+
 def total_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.optim.batch_size_per_gpu * world_size * cfg.optim.accum_steps
 
@@ -92,8 +98,16 @@ class Schedules:
     def total_steps(self) -> int:
         return len(self.lr)
 
+    def index(self, step: int) -> int:
+        """The step clamped to the last value: a run resumed on another world size rounds its
+        position into the new schedule and may land one step past the end."""
+        return min(step, self.total_steps - 1)
+
+    def teacher_temp_at(self, step: int) -> float:
+        return float(self.teacher_temp[self.index(step)])
+
     def at(self, step: int) -> dict[str, float]:
-        step = min(step, self.total_steps - 1)
+        step = self.index(step)
         return {"lr": float(self.lr[step]), "wd": float(self.wd[step]),
                 "teacher_momentum": float(self.momentum[step]),
                 "teacher_temp": float(self.teacher_temp[step])}

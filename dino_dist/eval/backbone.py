@@ -1,0 +1,28 @@
+"""A teacher backbone to evaluate, read from any file the project writes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dino_dist.checkpoint.export import backbone_weights, sidecar
+from dino_dist.checkpoint.reader import read_whole
+from dino_dist.config import Config, config_from_dict
+from dino_dist.models import build_backbone
+
+
+def backbone_from_checkpoint(checkpoint: Path, device) -> tuple[nn.Module, Config]:
+    """From a training checkpoint (file or FSDP folder) or a `dino-export`ed backbone."""
+    if sidecar(checkpoint).is_file():
+        info = json.loads(sidecar(checkpoint).read_text())
+        cfg = config_from_dict({"model": {k: info[k] for k in ("arch", "patch_size", "img_size")}})
+        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    else:
+        state = read_whole(checkpoint)
+        cfg = config_from_dict(state["config"])
+        weights = backbone_weights(state, "teacher")
+    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
+    backbone.load_state_dict(weights, strict=True)
+    return backbone.to(device), cfg
