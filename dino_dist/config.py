@@ -165,6 +165,8 @@ def _check_schedule_epochs(optim: OptimConfig) -> None:
 
 @dataclass
 class LossConfig:
+    """The DINO loss: student and teacher temperatures (the teacher's warmed up per epoch) and
+    the center's EMA momentum."""
     student_temp: float = positive(0.1)
     warmup_teacher_temp: float = positive(0.04)
     teacher_temp: float = positive(0.04)

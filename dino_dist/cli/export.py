@@ -17,6 +17,13 @@ from dino_dist.checkpoint.export import export, sidecar
 from dino_dist.errors import CheckpointError
 
 
+def report(output: Path, info: dict, numel: int) -> int:
+    print(f"wrote {output}: {info['which']} backbone of step {info['step']} ({info['arch']}, "
+          f"patch {info['patch_size']}, {numel / 1e6:.2f} M parameters) under the official DINO "
+          f"key names; architecture in {sidecar(output)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dino-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a step_<8 digits>.pt file or an FSDP step_<8 digits> folder")
@@ -33,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, KeyError) as err:
         print(f"dino-export: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {output}: {info['which']} backbone of step {info['step']} ({info['arch']}, "
-          f"patch {info['patch_size']}, {numel / 1e6:.2f} M parameters) under the official DINO "
-          f"key names; architecture in {sidecar(output)}")
-    return 0
+    return report(output, info, numel)
 
 
 def cli() -> None:

@@ -1,1 +1,1 @@
-"""Who am I in the job, process groups and collectives, DDP/FSDP wrapping, the stop flag."""
+"""Who am I in the job, collectives, per-rank RNG streams, DDP/FSDP wrapping, the stop flag."""

@@ -1,5 +1,6 @@
-"""The only module that knows about DDP and FSDP: how the student and teacher are placed,
-wrapped and sharded.
+"""How the student and teacher are placed, wrapped and sharded (DDP, FSDP2): the one place
+that applies parallelism to the models. (The engine then only asks the wrapper for gradient
+sync or its shards; the sharded checkpoint format stores whatever layout it is given.)
 
 Everything applied to the models happens here, in one fixed order (`prepare_models`):
 activation checkpointing per block, then torch.compile per block, then sharding (FSDP2:

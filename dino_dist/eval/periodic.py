@@ -58,7 +58,7 @@ def resolve_mode(metric: str, mode: str = "auto") -> str:
 
 class PeriodicEvaluation:
     def __init__(self, cfg: Config, env: DistEnv, engine, teacher, knn_sets=None):
-        """`knn_sets`: final_eval.knn_datasets(cfg), scanned once for this and the end report."""
+        """`knn_sets`: eval.end_of_run.knn_datasets(cfg), scanned once for this and the end report."""
         self.cfg, self.env, self.engine, self.teacher = cfg, env, engine, teacher
         self.every = cfg.eval.every_epochs
         e = cfg.eval

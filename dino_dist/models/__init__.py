@@ -24,30 +24,17 @@ def build_backbone(
     """Backbone with an `embed_dim` attribute; ViT-only arguments are ignored for ResNet."""
     if arch in VIT_ARCHS:
         embed_dim, depth, num_heads = VIT_ARCHS[arch]
-        return VisionTransformer(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            drop_path_rate=drop_path_rate,
-        )
+        return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                 depth=depth, num_heads=num_heads, drop_path_rate=drop_path_rate)
     if arch == "resnet50":
         return resnet50_backbone()
     raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCH_NAMES)}")
 
 
-def build_model(
-    arch: str,
-    patch_size: int,
-    drop_path_rate: float,
-    out_dim: int,
-    use_bn_in_head: bool = False,
-    norm_last_layer: bool = True,
-    head_hidden_dim: int = 2048,
-    head_bottleneck_dim: int = 256,
-    img_size: int = 224,
-) -> MultiCropWrapper:
+def build_model(arch: str, patch_size: int, drop_path_rate: float, out_dim: int,
+                use_bn_in_head: bool = False, norm_last_layer: bool = True,
+                head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256,
+                img_size: int = 224) -> MultiCropWrapper:
     backbone = build_backbone(arch, patch_size=patch_size, drop_path_rate=drop_path_rate,
                               img_size=img_size)
     head = DINOHead(
