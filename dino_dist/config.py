@@ -226,6 +226,11 @@ class LogConfig:
     tensorboard: bool = True
     # A collapse warning needs this many logging steps in a row that look collapsed.
     collapse_window: int = positive(3)
+    # Weights & Biases (pip install -e ".[wandb]"): the same scalars, the config and the
+    # attention grids, from rank 0; offline without an API key or network.
+    wandb: bool = False
+    wandb_project: str = "dino_dist"
+    wandb_name: str = ""  # "" = the run directory's name
 
 
 @dataclass
@@ -243,6 +248,9 @@ class EvalConfig:
     val_loss_path: str = ""
     # Kept in checkpoints/best/: knn_top1 | knn_top5 | val_loss | auto
     best_metric: str = choice("auto", ("auto",) + EVAL_METRICS)
+    # A folder of a few fixed images: a grid of the teacher's last-block CLS attention maps
+    # goes to TensorBoard (images) at each periodic evaluation and at the end of the run.
+    attention_images: str = ""
 
 
 def _check_eval_paths(e: EvalConfig) -> None:

@@ -66,6 +66,12 @@ class MetricsWriter:
                 self.tb.add_text("warnings", ", ".join(values["warnings"]), step)
             self.tb.flush()
 
+    def add_images(self, tag: str, images, step: int) -> None:
+        """A batch of images (float [N, 3, H, W] in [0, 1]) under `tag` (TensorBoard's images)."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_images(tag, images, step)
+            self.tb.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
