@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dino_dist.observe.diagnostics import (StepStatistics, parameter_groups, prototype_counts,
-                                   state_values, teacher_entropy_sum)
+                                           state_values, teacher_entropy_sum)
 from dino_dist.training.loss import DINOLoss
 from dino_dist.observe.memory import memory_values
 from tests.test_engine import make_engine, random_crops, tiny_cfg
@@ -69,6 +69,84 @@ def test_kl_equals_cross_entropy_minus_teacher_entropy_over_the_loss_pairs():
     assert values["prototype_share"] == pytest.approx(winners / out_dim)
 
 
+def pair_outputs(batch: int, out_dim: int, n_crops: int, seed: int):
+    """Crop-major student and teacher outputs where students often pick the teacher's winner
+    (teacher global crop 0's logits plus noise), so agreement is neither 0 nor 1."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(2 * batch, out_dim, generator=g)
+    shared = teacher[:batch].repeat(n_crops, 1)
+    student = shared + 1.5 * torch.randn(n_crops * batch, out_dim, generator=g)
+    return student, teacher
+
+
+def pair_statistics(student, teacher, center, temp, n_global=2) -> StepStatistics:
+    """StepStatistics filled from one micro-batch and 'reduced' over a single rank."""
+    stats = StepStatistics(teacher.shape[-1], groups=[], device=torch.device("cpu"))
+    stats.add_teacher(teacher, center, temp)
+    stats.add_pairs(student, teacher, center, temp, 0.1, n_global)
+    stats.take_reduced(stats.reduction_part().clone())
+    return stats
+
+
+def test_loss_split_and_agreement_equal_a_pair_by_pair_reference():
+    batch, out_dim, n_crops, temp = 5, 6, 5, 0.07
+    student, teacher = pair_outputs(batch, out_dim, n_crops, seed=1)
+    loss_fn = DINOLoss(out_dim, n_global_crops=2, student_temp=0.1)
+    loss_fn.center.copy_(torch.randn(1, out_dim, generator=torch.Generator().manual_seed(2)))
+    loss = float(loss_fn(student, teacher, temp, n_crops))
+    values = pair_statistics(student, teacher, loss_fn.center, temp).read(loss)
+
+    p_t = torch.softmax((teacher - loss_fn.center) / temp, dim=-1).chunk(2)
+    logp_s = torch.log_softmax(student / 0.1, dim=-1).chunk(n_crops)
+    wins_t = [(t - loss_fn.center).argmax(dim=-1) for t in teacher.chunk(2)]
+    wins_s = [s.argmax(dim=-1) for s in student.chunk(n_crops)]
+    ce = {"global": [], "local": []}
+    agree = []
+    for i in range(2):
+        for v in (v for v in range(n_crops) if v != i):
+            for b in range(batch):
+                ce["global" if v < 2 else "local"].append(float(-(p_t[i][b] * logp_s[v][b]).sum()))
+                agree.append(bool(wins_s[v][b] == wins_t[i][b]))
+    assert values["loss_global"] == pytest.approx(sum(ce["global"]) / len(ce["global"]), rel=1e-5)
+    assert values["loss_local"] == pytest.approx(sum(ce["local"]) / len(ce["local"]), rel=1e-5)
+    assert values["agreement"] == pytest.approx(sum(agree) / len(agree), abs=1e-12)
+    assert 0 < values["agreement"] < 1  # the reference has both outcomes: the test can fail
+    # The loss is the pair-count weighted mix: 2 global-view and 6 local-view pairs per image.
+    mix = (2 * values["loss_global"] + 6 * values["loss_local"]) / 8
+    assert mix == pytest.approx(loss, rel=1e-6)
+
+
+def test_two_halves_reduced_give_the_whole_batch_figures():
+    """2 ranks x B/2 (or 2 micro-batches): summing the halves' reduction parts, as the
+    engine's all-reduce does, gives exactly the figures of 1 x B."""
+    batch, out_dim, n_crops, temp = 6, 8, 4, 0.05
+    student, teacher = pair_outputs(batch, out_dim, n_crops, seed=3)
+    center = torch.randn(1, out_dim, generator=torch.Generator().manual_seed(4)) * 0.1
+    loss = 2.0  # only kl depends on it, alike in both
+    whole = pair_statistics(student, teacher, center, temp).read(loss)
+
+    def half(outputs, crops, part):  # crop-major rows: each crop's images are split
+        return outputs.view(crops, batch, out_dim)[:, part].reshape(-1, out_dim)
+
+    halves = [pair_statistics(half(student, n_crops, part), half(teacher, 2, part), center, temp)
+              for part in (slice(0, batch // 2), slice(batch // 2, batch))]
+    reduced = halves[0]
+    reduced.take_reduced(halves[0].reduction_part() + halves[1].reduction_part())
+    split = reduced.read(loss)
+    assert set(split) == set(whole) >= {"loss_global", "loss_local", "agreement"}
+    for name, value in whole.items():
+        assert split[name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_without_local_crops_only_the_global_split_is_reported():
+    student, teacher = pair_outputs(batch=4, out_dim=5, n_crops=2, seed=5)
+    loss_fn = DINOLoss(5, n_global_crops=2, student_temp=0.1)
+    loss = float(loss_fn(student, teacher, 0.1, 2))
+    values = pair_statistics(student, teacher, loss_fn.center, 0.1).read(loss)
+    assert "loss_local" not in values and "agreement" in values
+    assert values["loss_global"] == pytest.approx(loss, rel=1e-6)
+
+
 class _Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -119,13 +197,37 @@ def test_engine_fills_statistics_only_when_given_and_trains_the_same(tmp_path):
     for engine, statistics in ((plain, None), (watched, stats)):
         engine.micro_step(crops, 0, 1.0, sync_grads=True, stats=statistics)
         result = engine.finish_step(0, epoch=1, stats=statistics)
-    for a, b in zip(plain.student.parameters(), watched.student.parameters()):
-        assert torch.equal(a, b)  # the statistics change nothing in training
+    for model in ("student", "teacher"):  # the statistics change nothing in training
+        for a, b in zip(getattr(plain, model).parameters(), getattr(watched, model).parameters()):
+            assert torch.equal(a, b)
     assert torch.equal(plain.loss_fn.center, watched.loss_fn.center)
     values = stats.read(result.loss)
+    # 2 global + 2 local crops: 2 global-view and 4 local-view pairs per image.
+    mix = (2 * values["loss_global"] + 4 * values["loss_local"]) / 6
+    assert mix == pytest.approx(result.loss, rel=1e-5)
+    assert 0 <= values["agreement"] <= 1
     expected = float(teacher_entropy_sum(teacher_out, torch.zeros(1, cfg.model.out_dim),
                                          float(watched.schedules.teacher_temp[0]))) / 8
     assert values["teacher_entropy"] == pytest.approx(expected, rel=1e-5)
     total = math.sqrt(sum(values[f"grad_norm_{g}"] ** 2
                           for g in ("backbone", "head", "last_layer")))
     assert total == pytest.approx(float(result.grad_norm), rel=1e-5)
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_figures(tmp_path):
+    """The engine's k = 2 micro-batches of B/2 report the figures of one batch of B."""
+    cfg = tiny_cfg(tmp_path)
+    crops_a, crops_b = random_crops(4, 1), random_crops(4, 2)
+    figures = []
+    for micro_batches in ([crops_a, crops_b], [[torch.cat(p) for p in zip(crops_a, crops_b)]]):
+        engine = make_engine(cfg)
+        stats = StepStatistics(cfg.model.out_dim, parameter_groups(
+            engine.student, engine.trainable, engine.last_layer_params), torch.device("cpu"))
+        for j, crops in enumerate(micro_batches):
+            engine.micro_step(crops, 0, 1.0 / len(micro_batches),
+                              sync_grads=j == len(micro_batches) - 1, stats=stats)
+        figures.append(stats.read(engine.finish_step(0, epoch=1, stats=stats).loss))
+    split, whole = figures
+    assert set(split) == set(whole) >= {"loss_global", "loss_local", "agreement"}
+    for name, value in whole.items():
+        assert split[name] == pytest.approx(value, rel=1e-5), name

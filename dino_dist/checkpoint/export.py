@@ -1,8 +1,10 @@
-"""A checkpoint's backbone as a plain state dict under the official DINO key names.
+"""A checkpoint's backbone as a plain state dict, for our tools or for timm.
 
-The weights are what `facebookresearch/dino`'s pretrained files hold, so they load with
-`strict=True` into `dino_dist.models.build_backbone(...)` or the reference ViT; a small
-`<output>.json` beside them records the architecture for `dino-knn` and other tools.
+`dino` (the default): the official DINO key names, what `facebookresearch/dino`'s pretrained
+files hold, so the weights load with `strict=True` into `dino_dist.models.build_backbone(...)`
+or the reference ViT. `timm`: the same tensors for `timm.create_model(NAME, num_classes=0)`,
+as a `.pth` or a `.safetensors`. A small `<output>.json` beside the weights records the
+architecture (and, for timm, the model name and arguments that load them).
 """
 from __future__ import annotations
 
@@ -14,8 +16,29 @@ import torch
 
 from dino_dist.checkpoint.files import atomic_write
 from dino_dist.checkpoint.reader import read_whole
+from dino_dist.errors import CheckpointError
+from dino_dist.models import VIT_ARCHS
 
 BACKBONE_PREFIX = "backbone."
+FORMATS = ("dino", "timm")
+
+# (arch, patch) -> the timm model with the same layers. Their parameter names are the DINO
+# names (pos_embed holds the CLS position, as DINO's), their extra modules (ls1/ls2, q_norm,
+# k_norm, norm_pre, fc_norm, head with num_classes=0) are weightless identities, and their
+# forward pools the CLS token after the final norm (global_pool="token"), as our ViT returns:
+# the weights need no renaming. tests/test_export_timm.py checks all of it against timm.
+TIMM_MODELS: dict[tuple[str, int], str] = {
+    ("vit_tiny", 16): "vit_tiny_patch16_224",
+    ("vit_small", 16): "vit_small_patch16_224",
+    ("vit_small", 8): "vit_small_patch8_224",
+    ("vit_small", 32): "vit_small_patch32_224",
+    ("vit_base", 16): "vit_base_patch16_224",
+    ("vit_base", 8): "vit_base_patch8_224",
+    ("vit_base", 32): "vit_base_patch32_224",
+}
+TIMM_IMG_SIZE = 224  # what every name above is built for
+# vit_mini (our demo size) has no timm name: timm builds it from this one, sizes overridden.
+TIMM_NAME_FOR_OWN_SIZES = "vit_small_patch16_224"
 
 
 def backbone_weights(state: dict[str, Any], which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -30,14 +53,53 @@ def describe(state: dict[str, Any], source: Path, which: str) -> dict[str, Any]:
             "step": state["step"], "epoch": state["epoch"], "source": str(source)}
 
 
-def export(source: Path, output: Path, which: str = "teacher") -> tuple[dict, int]:
+def timm_model_for(arch: str, patch_size: int, img_size: int) -> tuple[str, dict[str, Any]]:
+    """(name, kwargs) for `timm.create_model(name, **kwargs)`, a model these weights fit."""
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if (arch, patch_size) in TIMM_MODELS:
+        name = TIMM_MODELS[(arch, patch_size)]
+    elif arch == "vit_mini":
+        name = TIMM_NAME_FOR_OWN_SIZES
+        embed_dim, depth, num_heads = VIT_ARCHS[arch]
+        kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                      patch_size=patch_size, img_size=img_size)
+    else:
+        what = f"{arch} patch {patch_size}" if arch in VIT_ARCHS else arch
+        have = ", ".join(f"{a} patch {p}" for a, p in TIMM_MODELS)
+        raise CheckpointError(f"timm has no model for {what} (it has {have}, and vit_mini at "
+                              f"any patch): export it with --format dino")
+    if img_size != TIMM_IMG_SIZE:  # the position table of another resolution
+        kwargs["img_size"] = img_size
+    return name, kwargs
+
+
+def export(source: Path, output: Path, which: str = "teacher", target: str = "dino",
+           safetensors: bool = False) -> tuple[dict, int]:
+    """Write the backbone of checkpoint `source` to `output` (+ `output.json`)."""
     state = read_whole(source)
     weights = backbone_weights(state, which)
     info = describe(state, source, which)
+    if target == "timm":
+        model = state["config"]["model"]
+        name, kwargs = timm_model_for(model["arch"], model["patch_size"], model["img_size"])
+        info.update(format="timm", timm_model=name, timm_kwargs=kwargs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(output, lambda f: torch.save(weights, f))
+    if safetensors:
+        atomic_write(output, lambda f: f.write(safetensors_bytes(weights)))
+    else:
+        atomic_write(output, lambda f: torch.save(weights, f))
     atomic_write(sidecar(output), lambda f: f.write(json.dumps(info, indent=1).encode()))
     return info, sum(v.numel() for v in weights.values())
+
+
+def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
+    try:
+        from safetensors.torch import save
+    except ImportError:
+        raise CheckpointError('--safetensors needs the safetensors package: '
+                              'pip install -e ".[timm]"') from None
+    # What safetensors.torch.save_file writes, as bytes, so the file can be written atomically.
+    return save(weights, metadata={"format": "pt"})
 
 
 def sidecar(weights_file: Path) -> Path:

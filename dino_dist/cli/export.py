@@ -1,11 +1,14 @@
 """`dino-export`: one checkpoint (DDP file or FSDP folder) → the teacher backbone's weights.
 
     dino-export RUN/checkpoints/step_00012000       [--output teacher_backbone.pth]
+    dino-export RUN/checkpoints/step_00012000 --format timm [--safetensors]
 
-The output is a plain state dict under the official DINO key names (what
+The default output is a plain state dict under the official DINO key names (what
 `facebookresearch/dino`'s pretrained files hold), so it loads with `strict=True` into
 `dino_dist.models.build_backbone(...)` or the reference ViT; a small `<output>.json` beside it
-records the architecture for `dino-knn --checkpoint <output>` and other tools.
+records the architecture for `dino-knn --checkpoint <output>` and other tools. `--format timm`
+writes weights that `timm.create_model(NAME, num_classes=0)` loads with `strict=True` (NAME
+and any arguments are in the `.json` and the printed line), as `.safetensors` if asked.
 """
 from __future__ import annotations
 
@@ -13,30 +16,64 @@ import argparse
 import sys
 from pathlib import Path
 
-from dino_dist.checkpoint.export import export, sidecar
+from dino_dist.checkpoint.export import FORMATS, export, sidecar
 from dino_dist.errors import CheckpointError
+
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def report(output: Path, info: dict, numel: int) -> int:
+    if info["format"] == "timm":
+        kwargs = "".join(f", {k}={v!r}" for k, v in info["timm_kwargs"].items())
+        target = (f"for timm: timm.create_model({info['timm_model']!r}{kwargs}) loads it with "
+                  f"strict=True")
+    else:
+        target = "under the official DINO key names"
     print(f"wrote {output}: {info['which']} backbone of step {info['step']} ({info['arch']}, "
-          f"patch {info['patch_size']}, {numel / 1e6:.2f} M parameters) under the official DINO "
-          f"key names; architecture in {sidecar(output)}")
+          f"patch {info['patch_size']}, {numel / 1e6:.2f} M parameters) {target}; "
+          f"architecture in {sidecar(output)}")
     return 0
+
+
+def default_output(checkpoint: Path, which: str, target: str, safetensors: bool) -> Path:
+    step = int(checkpoint.name.split("_")[-1].split(".")[0]) \
+        if checkpoint.name.startswith("step_") else 0
+    suffix = ("_timm" if target == "timm" else "") + (SAFETENSORS_SUFFIX if safetensors else ".pth")
+    return checkpoint.parent.parent / f"{which}_backbone_step{step}{suffix}"
+
+
+def option_mistake(args: argparse.Namespace) -> str | None:
+    """A combination of options that would write something other than what was asked."""
+    if args.safetensors and args.format != "timm":
+        return ("--safetensors is for --format timm (the same DINO key names); the default "
+                "format writes the .pth that dino-knn reads")
+    if args.output is not None and (args.output.suffix == SAFETENSORS_SUFFIX) != args.safetensors:
+        return (f"--output {args.output} does not match the format: use a .safetensors name "
+                f"with --safetensors, and another name without it")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dino-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a step_<8 digits>.pt file or an FSDP step_<8 digits> folder")
     parser.add_argument("--output", type=Path, default=None,
-                        help="default: <which>_backbone_step<N>.pth next to the run directory")
+                        help="default: <which>_backbone_step<N>[_timm].pth in the run directory")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="the teacher is what DINO evaluates and publishes")
+    parser.add_argument("--format", choices=FORMATS, default="dino",
+                        help="dino: the official DINO state dict; "
+                             "timm: for timm.create_model(NAME, num_classes=0)")
+    parser.add_argument("--safetensors", action="store_true",
+                        help="with --format timm: write .safetensors instead of a pickled .pth")
     args = parser.parse_args(argv)
+    mistake = option_mistake(args)
+    if mistake:
+        print(f"dino-export: error: {mistake}", file=sys.stderr)
+        return 2
     try:
-        step = int(args.checkpoint.name.split("_")[-1].split(".")[0]) \
-            if args.checkpoint.name.startswith("step_") else 0
-        output = args.output or args.checkpoint.parent.parent / f"{args.which}_backbone_step{step}.pth"
-        info, numel = export(args.checkpoint, output, args.which)
+        output = args.output or default_output(args.checkpoint, args.which, args.format,
+                                               args.safetensors)
+        info, numel = export(args.checkpoint, output, args.which, args.format, args.safetensors)
     except (CheckpointError, OSError, KeyError) as err:
         print(f"dino-export: error: {err}", file=sys.stderr)
         return 2

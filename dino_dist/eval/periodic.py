@@ -69,11 +69,12 @@ class PeriodicEvaluation:
             (["val_loss"] if self.val_loss_dir else [])
         self._check_settings(available)
         if self.every and not available:
-            LOG.warning("eval.every_epochs=%d, but there is nothing to evaluate on, so no "
-                        "evaluation runs during training: set eval.train_path and "
-                        "eval.val_path (labelled ImageFolder trees) for k-NN, or "
-                        "eval.val_loss_path (held-out images) for a validation loss",
-                        self.every)
+            if not cfg.eval.attention_images:  # the attention grid alone is an evaluation too
+                LOG.warning("eval.every_epochs=%d, but there is nothing to evaluate on, so no "
+                            "evaluation runs during training: set eval.train_path and "
+                            "eval.val_path (labelled ImageFolder trees) for k-NN, or "
+                            "eval.val_loss_path (held-out images) for a validation loss",
+                            self.every)
             self.every = 0
         best_metric = e.best_metric if e.best_metric != "auto" else (available[0] if available else "")
         self.best = MetricTracker(best_metric, resolve_mode(best_metric)) if self.every and best_metric else None

@@ -29,8 +29,10 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Crops, backbone_only: bool = False) -> torch.Tensor:
-        """Head outputs; with `backbone_only`, the backbone's features (for evaluation).
+    def forward(self, crops: Crops, backbone_only: bool = False,
+                cls_attention: bool = False) -> torch.Tensor:
+        """Head outputs; with `backbone_only`, the backbone's features; with `cls_attention`,
+        a ViT backbone's last-block CLS attention [B, heads, tokens] (both for evaluation).
 
         Evaluation goes through this forward rather than calling `self.backbone` directly:
         when the model is sharded (FSDP2), only the root module's own forward gathers the
@@ -38,6 +40,8 @@ class MultiCropWrapper(nn.Module):
         """
         if isinstance(crops, torch.Tensor):
             crops = [crops]
+        if cls_attention:  # one resolution only: other grids have other token counts
+            return self.backbone.get_last_cls_attention(torch.cat(list(crops)))
         features = [
             self.backbone(torch.cat(list(crops[start:end])))
             for start, end in resolution_groups(crops)

@@ -78,6 +78,19 @@ class Attention(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the CLS query (token 0) over all tokens: [B, heads, tokens].
+
+        Written out because SDPA does not return its probabilities; training never comes here.
+        Only the CLS row is formed, so memory grows with the tokens, not with their square.
+        """
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        logits = (q[:, :, :1] * head_dim ** -0.5) @ k.transpose(-2, -1)
+        return logits.float().softmax(dim=-1)[:, :, 0]
+
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path_rate: float):
@@ -89,7 +102,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_cls_attention: bool = False) -> torch.Tensor:
+        # The attention comes out of forward (not a method of its own) so that a sharded
+        # (FSDP2) block gathers its parameters for it, as the official return_attention does.
+        if return_cls_attention:
+            return self.attn.cls_attention(self.norm1(x))
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -193,6 +210,14 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)[:, 0]
+
+    def get_last_cls_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's attention of the CLS query: [B, heads, 1 + patches], each row a
+        softmax over the CLS token and the patches (row-major over the patch grid)."""
+        tokens = self.prepare_tokens(images)
+        for block in self.blocks[:-1]:
+            tokens = block(tokens)
+        return self.blocks[-1](tokens, return_cls_attention=True)
 
     def get_intermediate_layers(self, images: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
         """Normalised tokens of the last `n` blocks (used by linear evaluation)."""

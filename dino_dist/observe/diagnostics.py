@@ -11,6 +11,15 @@ all-reduce of the step, so the figures are over the *global* batch without anoth
   equally often, so the mean KL is exactly loss - mean teacher entropy.
 - prototypes in use: how many distinct teacher argmax prototypes the global batch hit; 1 or 2
   means every image maps to the same output (dimensional collapse).
+- the loss split by the student's view over the loss's pairs (teacher global crop i, student
+  crop v != i): `loss_global` is the mean cross-entropy over the pairs whose student crop is
+  another global crop, `loss_local` over those whose student crop is a local crop. The loss
+  is their mix weighted by pair counts: (G(G-1) loss_global + G L loss_local) / (G(G+L-1))
+  for G global and L local crops.
+- agreement: over the same pairs, the share in which the student's argmax prototype on crop v
+  equals the centred teacher's argmax on global crop i of the same image. It rises as the
+  student learns to predict the teacher across views; near 1 with few prototypes in use is
+  collapse, not learning.
 - gradient norms per parameter group (backbone, head, last layer) before clipping, after
   unscaling.
 """
@@ -38,12 +47,51 @@ def prototype_counts(teacher_out: torch.Tensor, center: torch.Tensor) -> torch.T
     return torch.bincount(winners, minlength=teacher_out.shape[-1]).float()
 
 
+def pair_cross_entropy(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                       center: torch.Tensor, teacher_temp: float, student_temp: float,
+                       n_global_crops: int) -> torch.Tensor:
+    """[G, V]: cross-entropy of teacher global crop i against student crop v, summed over the
+    batch, computed as the DINO loss does (fp32, centred and sharpened teacher). Outputs are
+    crop-major. One student crop at a time, so the peak memory stays at the loss's own."""
+    teacher_p = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
+    teacher_p = teacher_p.view(n_global_crops, -1, teacher_out.shape[-1])
+    per_crop = []
+    for student_crop in student_out.reshape(-1, *teacher_p.shape[1:]):
+        student_logp = F.log_softmax(student_crop.float() / student_temp, dim=-1)
+        per_crop.append(-(teacher_p * student_logp).sum(dim=(1, 2)))
+    return torch.stack(per_crop, dim=1)
+
+
+def pair_agreement(student_out: torch.Tensor, teacher_out: torch.Tensor,
+                   center: torch.Tensor, n_global_crops: int) -> torch.Tensor:
+    """[G, V]: images whose student argmax on crop v equals the centred teacher's argmax on
+    global crop i (temperatures do not move an argmax)."""
+    teacher_wins = (teacher_out.float() - center).argmax(dim=-1).view(n_global_crops, 1, -1)
+    batch = teacher_wins.shape[-1]
+    student_wins = student_out.argmax(dim=-1).view(1, -1, batch)
+    return (teacher_wins == student_wins).sum(dim=-1).float()
+
+
+def loss_pair_masks(n_global_crops: int, n_crops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, V] masks of the loss's pairs (v != i): student crop global, student crop local."""
+    teacher = torch.arange(n_global_crops).view(-1, 1)
+    student = torch.arange(n_crops).view(1, -1)
+    return (student < n_global_crops) & (student != teacher), \
+        (student >= n_global_crops).expand(n_global_crops, n_crops)
+
+
 def parameter_groups(student: nn.Module, trainable: list[nn.Parameter],
                      last_layer: list[nn.Parameter]) -> list[int]:
     """Index into GRAD_GROUPS for each trainable parameter, in `trainable`'s order."""
     last_ids = {id(p) for p in last_layer}
     head_ids = {id(p) for name, p in student.named_parameters() if name.startswith("head.")}
     return [2 if id(p) in last_ids else 1 if id(p) in head_ids else 0 for p in trainable]
+
+
+# The sums after the prototype counts in the reduction buffer, in order. All are sums over
+# images and ranks, so the all-reduced buffer holds the global batch's figures.
+SUMS = ("entropy", "teacher_rows", "ce_global", "ce_local", "pairs_global", "pairs_local",
+        "pairs_agreeing")
 
 
 class StepStatistics:
@@ -55,17 +103,43 @@ class StepStatistics:
         self.reset()
 
     def reset(self) -> None:
-        # [prototype counts (out_dim) | entropy sum | teacher rows]
-        self.local = torch.zeros(self.out_dim + 2, device=self.device)
+        # [prototype counts (out_dim) | SUMS]
+        self.local = torch.zeros(self.out_dim + len(SUMS), device=self.device)
         self.reduced: torch.Tensor | None = None
         self.grad_norms: torch.Tensor | None = None
+
+    def _sum(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
+        return buffer[self.out_dim + SUMS.index(name)]
+
+    def _add(self, name: str, value) -> None:
+        self.local[self.out_dim + SUMS.index(name)] += value
 
     @torch.no_grad()
     def add_teacher(self, teacher_out: torch.Tensor, center: torch.Tensor,
                     teacher_temp: float) -> None:
         self.local[: self.out_dim] += prototype_counts(teacher_out, center)
-        self.local[-2] += teacher_entropy_sum(teacher_out, center, teacher_temp)
-        self.local[-1] += teacher_out.shape[0]
+        self._add("entropy", teacher_entropy_sum(teacher_out, center, teacher_temp))
+        self._add("teacher_rows", teacher_out.shape[0])
+
+    @torch.no_grad()
+    def add_pairs(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
+                  center: torch.Tensor, teacher_temp: float, student_temp: float,
+                  n_global_crops: int) -> None:
+        """The loss split by student view and the agreement, over the loss's pairs. Masked
+        sums rather than boolean indexing, and pair counts from the host-side masks: no host
+        synchronisation."""
+        student_out = student_out.detach()
+        batch = teacher_out.shape[0] // n_global_crops
+        on_global, on_local = loss_pair_masks(n_global_crops, student_out.shape[0] // batch)
+        self._add("pairs_global", int(on_global.sum()) * batch)
+        self._add("pairs_local", int(on_local.sum()) * batch)
+        ce = pair_cross_entropy(student_out, teacher_out, center, teacher_temp, student_temp,
+                                n_global_crops)
+        agreeing = pair_agreement(student_out, teacher_out, center, n_global_crops)
+        on_global, on_local = on_global.to(ce.device), on_local.to(ce.device)
+        self._add("ce_global", (ce * on_global).sum())
+        self._add("ce_local", (ce * on_local).sum())
+        self._add("pairs_agreeing", (agreeing * (on_global | on_local)).sum())
 
     @torch.no_grad()
     def add_grad_norms(self, trainable: list[nn.Parameter], norms: list[torch.Tensor]) -> None:
@@ -89,16 +163,27 @@ class StepStatistics:
         if self.reduced is None:
             return {}
         reduced = self.reduced.double().cpu()
-        rows = max(float(reduced[-1]), 1.0)
-        entropy = float(reduced[-2]) / rows
+        rows = max(float(self._sum(reduced, "teacher_rows")), 1.0)
+        entropy = float(self._sum(reduced, "entropy")) / rows
         log_k = math.log(self.out_dim)
         used = int(torch.count_nonzero(reduced[: self.out_dim]))
         values = {"teacher_entropy": entropy, "entropy_ratio": entropy / log_k,
                   "kl": loss - entropy, "loss_ratio": loss / log_k,
-                  "prototypes_used": used, "prototype_share": used / min(rows, self.out_dim)}
+                  "prototypes_used": used, "prototype_share": used / min(rows, self.out_dim),
+                  **self._pair_values(reduced)}
         if self.grad_norms is not None:
             for name, norm in zip(GRAD_GROUPS, self.grad_norms.tolist()):
                 values[f"grad_norm_{name}"] = norm
+        return values
+
+    def _pair_values(self, reduced: torch.Tensor) -> dict[str, float]:
+        """loss_global, loss_local, agreement; a split with no pairs (one global crop, or no
+        local crops) or a step without add_pairs reports nothing rather than 0/0."""
+        pairs = {view: float(self._sum(reduced, f"pairs_{view}")) for view in ("global", "local")}
+        values = {f"loss_{view}": float(self._sum(reduced, f"ce_{view}")) / count
+                  for view, count in pairs.items() if count > 0}
+        if sum(pairs.values()) > 0:
+            values["agreement"] = float(self._sum(reduced, "pairs_agreeing")) / sum(pairs.values())
         return values
 
 

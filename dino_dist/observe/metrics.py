@@ -1,4 +1,4 @@
-"""Where a run reports: the console line, log.txt, metrics.jsonl and TensorBoard.
+"""Where a run reports: the console line, log.txt, metrics.jsonl, TensorBoard and W&B.
 
 Only global rank 0 writes; on other ranks every method is a no-op and their logger is set to
 errors only, so a job of N processes prints each line once.
@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from dino_dist.config import Config
+from dino_dist.observe.wandb_sink import WandbSink
 
 LOGGER_NAME = "dino_dist"
 
@@ -40,7 +42,11 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True):
+    """metrics.jsonl always; TensorBoard if asked; W&B when `config.log.wandb` (which also
+    receives the resolved config)."""
+
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool = True,
+                 config: Config | None = None):
         self.enabled = enabled
         self.jsonl_path = output_dir / "metrics.jsonl"
         self.latest: dict = {}  # the newest value of every column written (for the summary)
@@ -48,6 +54,10 @@ class MetricsWriter:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(log_dir=str(output_dir / "tb"))
+        self.wandb = None
+        if enabled and config is not None and config.log.wandb:
+            self.wandb = WandbSink.start(output_dir, config.log.wandb_project,
+                                         config.log.wandb_name, config.to_dict())
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -58,23 +68,32 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        scalars = {f"train/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.tb is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"train/{name}", value, step)
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, step)
             if values.get("warnings"):
                 self.tb.add_text("warnings", ", ".join(values["warnings"]), step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log_scalars(step, scalars)
 
     def add_images(self, tag: str, images, step: int) -> None:
-        """A batch of images (float [N, 3, H, W] in [0, 1]) under `tag` (TensorBoard's images)."""
-        if self.enabled and self.tb is not None:
+        """A batch of images (float [N, 3, H, W] in [0, 1]) under `tag`, in TensorBoard and W&B."""
+        if not self.enabled:
+            return
+        if self.tb is not None:
             self.tb.add_images(tag, images, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log_images(tag, images, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 class ThroughputMeter:

@@ -171,8 +171,10 @@ class DinoEngine:
         self.clock.mark("loss")
         self.pending_count += teacher_out.shape[0]
         self.pending_skipped_images += skipped_images
-        if stats is not None:
+        if stats is not None:  # the loss's own (old) center: finish_step moves it
             stats.add_teacher(teacher_out, self.loss_fn.center, teacher_temp)
+            stats.add_pairs(student_out, teacher_out, self.loss_fn.center, teacher_temp,
+                            self.loss_fn.student_temp, self.n_global_crops)
 
     def finish_step(self, step: int, epoch: int, stop_requested: bool = False,
                     stats=None) -> StepResult:

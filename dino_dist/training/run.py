@@ -22,6 +22,7 @@ from dino_dist.data import ensure_demo_dataset
 from dino_dist.distributed.collectives import barrier, set_collective_timeout
 from dino_dist.distributed.env import DistEnv
 from dino_dist.errors import CheckpointError, DataError, NonFiniteLossError
+from dino_dist.eval.attention import attention_grid_for
 from dino_dist.eval.end_of_run import knn_datasets, plan_knn_at_end, report_knn_at_end
 from dino_dist.eval.periodic import PeriodicEvaluation
 from dino_dist.observe.metrics import MetricsWriter, setup_logging
@@ -72,6 +73,8 @@ class TrainingRun:
                  self.output_dir)
         self.knn_sets = knn_datasets(cfg)  # a bad evaluation folder stops the run here
         self.knn_at_end = plan_knn_at_end(cfg, self.knn_sets)
+        self.attention = attention_grid_for(cfg, env.device)  # images read once, checked now
+        self.attention_step = -1  # the step of the last grid written (no repeat at the end)
         self.training = build_training(cfg, env)
         self.engine = self.training.engine
         self.evaluation = PeriodicEvaluation(cfg, env, self.engine, self.training.teacher,
@@ -89,7 +92,8 @@ class TrainingRun:
         start = resume(self.cfg, self.state, self.checkpoint_dir, self.env)
         set_collective_timeout(self.cfg.train.dist_timeout_s)  # start-up is over: fail fast
         self.saved_at.add(start.step)
-        self.metrics = MetricsWriter(self.output_dir, self.env.is_main, self.cfg.log.tensorboard)
+        self.metrics = MetricsWriter(self.output_dir, self.env.is_main, self.cfg.log.tensorboard,
+                                     config=self.cfg)
         return start
 
     # -- train: the loop, with saves and periodic evaluation at its boundaries
@@ -128,12 +132,22 @@ class TrainingRun:
     def on_epoch_end(self, position: Position) -> str | None:
         """Periodic evaluation (before the epoch's save, so its state is in that checkpoint);
         the early-stopping reason, if any."""
+        every = self.cfg.eval.every_epochs  # the grid needs no labelled or held-out data
+        if self.attention and every and position.epoch % every == 0:
+            self.write_attention(position.step)
         if not self.evaluation.due(position.epoch):
             return None
         values, early_stop = self.evaluation.run(position.step, position.epoch,
                                                  position.schedule_step)
         self.metrics.write(position.step, values)
         return early_stop
+
+    def write_attention(self, step: int) -> None:
+        """The teacher's attention grid to TensorBoard; every rank runs the forward (a sharded
+        teacher gathers its parameters in it), rank 0 writes."""
+        if step != self.attention_step:
+            self.metrics.add_images("attention", self.attention.render(self.training.teacher), step)
+            self.attention_step = step
 
     # -- finish: the last checkpoint committed, then the reports
     def finish(self, start: Position, end: LoopEnd) -> None:
@@ -146,8 +160,11 @@ class TrainingRun:
         if end.stop_reason:
             LOG.info("stopped at step %d (%s); the checkpoint of this step is committed and "
                      "a restart continues from it", end.position.step, end.stop_reason)
-        elif self.knn_at_end:
-            self.report_knn(end.position.step)
+        else:
+            if self.attention:
+                self.write_attention(end.position.step)
+            if self.knn_at_end:
+                self.report_knn(end.position.step)
         if self.env.is_main:
             self.write_summary(start, end)
 
