@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dino_dist.cli.command import list_written, report_error
 from dino_dist.errors import CheckpointError, DataError
 from dino_dist.eval.attention import (DEFAULT_KEEP, image_files, require_vit,
                                       write_attention_pngs)
@@ -56,11 +57,8 @@ def main(argv=None) -> int:
         written = write_attention_pngs(vit, files, args.output_dir, args.image_size,
                                        args.threshold, device)
     except (CheckpointError, DataError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+        return report_error(PROG, err)
+    return list_written(written)
 
 
 def cli() -> None:

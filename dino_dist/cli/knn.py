@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from dino_dist.cli.command import on_every_rank
 from dino_dist.data import LabelledImageDataset, eval_transform
-from dino_dist.distributed.env import init_distributed, teardown
-from dino_dist.errors import CheckpointError, DataError
+from dino_dist.distributed.env import DistEnv
 from dino_dist.eval.backbone import backbone_from_checkpoint
 from dino_dist.eval.knn import knn_accuracy
 
@@ -31,25 +31,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def knn(args: argparse.Namespace, env: DistEnv) -> str:
+    backbone, cfg = backbone_from_checkpoint(args.checkpoint, env.device)
+    transform = eval_transform(args.image_size or cfg.eval.image_size)
+    train_set = LabelledImageDataset(args.train_data, transform)
+    val_set = LabelledImageDataset(args.val_data, transform)
+    top1, top5 = knn_accuracy(backbone, train_set, val_set, env, args.k, args.temperature,
+                              args.batch_size, args.num_workers)
+    return (f"k-NN k={args.k} T={args.temperature}: top-1 {top1:.2f}% top-5 {top5:.2f}% "
+            f"({len(val_set)} val images, {len(train_set)} train images)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = init_distributed(args.device)
-    try:
-        backbone, cfg = backbone_from_checkpoint(args.checkpoint, env.device)
-        transform = eval_transform(args.image_size or cfg.eval.image_size)
-        train_set = LabelledImageDataset(args.train_data, transform)
-        val_set = LabelledImageDataset(args.val_data, transform)
-        top1, top5 = knn_accuracy(backbone, train_set, val_set, env, args.k, args.temperature,
-                                  args.batch_size, args.num_workers)
-    except (CheckpointError, DataError) as err:
-        print(f"dino-knn: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        teardown()
-    if env.is_main:
-        print(f"k-NN k={args.k} T={args.temperature}: top-1 {top1:.2f}% top-5 {top5:.2f}% "
-              f"({len(val_set)} val images, {len(train_set)} train images)")
-    return 0
+    return on_every_rank("dino-knn", args.device, lambda env: knn(args, env))
 
 
 def cli() -> None:

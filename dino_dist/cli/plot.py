@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dino_dist.cli.command import list_written, report_error
 from dino_dist.errors import PlotError
 from dino_dist.observe.plot import plot_run
 
@@ -17,11 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = plot_run(args.run_dir, args.out)
     except (PlotError, OSError) as err:
-        print(f"dino-plot: error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
+        return report_error("dino-plot", err)
+    return list_written(paths)
 
 
 def cli() -> None:
