@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -139,6 +140,25 @@ def state_at(run_dir: Path, step: int) -> dict:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return write_image_folder(tmp_path / "images")
+
+
+def _default_logger() -> None:
+    logger = logging.getLogger("dino_dist")
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger():
+    """Commands run in-process set the `dino_dist` logger up for a run (its own handlers, no
+    propagation); every test starts and ends with the default, so caplog sees the records
+    whatever ran before it in the same worker."""
+    _default_logger()
+    yield
+    _default_logger()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from dino_dist.eval.attention import (AttentionGrid, image_maps, kept_mass, mass
                                       patch_grid, pictures, read_image)
 from dino_dist.eval.backbone import backbone_from_checkpoint
 from dino_dist.models import MultiCropWrapper, build_backbone
-from tests.conftest import REPO, run_train, state_at, subprocess_env, tiny_overrides, \
+from tests.conftest import REPO, free_port, run_train, state_at, subprocess_env, tiny_overrides, \
     write_image_folder
 
 HEADS = 4  # vit_mini
@@ -342,3 +342,26 @@ def test_bad_attention_settings_stop_the_run_before_the_first_step(folders, tmp_
     raw = {"log": {"tensorboard": False}, "eval": {"attention_images": str(folders["fixed"])}}
     with pytest.raises(ConfigError, match="log.tensorboard"):
         AttentionGrid(config_from_dict(raw), "cpu")
+
+
+def torchrun(module: str, *args) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", module,
+               *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_under_torchrun_rank_0_alone_writes_the_maps_and_the_export(ddp_run, folders, tmp_path):
+    """One-process commands started under torchrun: the other ranks leave at once instead of
+    racing rank 0 for the same files."""
+    final = checkpoint(ddp_run, 18)
+    maps = torchrun("dino_dist.cli.attention", "--checkpoint", final, "--output-dir",
+                    tmp_path / "maps", folders["photos"])
+    printed = [line for line in maps.stdout.splitlines() if line.endswith(".png")]
+    assert printed and len(printed) == len(set(printed))  # each file once: one rank wrote
+    assert all(Path(line).is_file() for line in printed)
+    export = torchrun("dino_dist.cli.export", final, "--output", tmp_path / "teacher.pth")
+    assert export.stdout.count("wrote ") == 1 and (tmp_path / "teacher.pth").is_file()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dino_dist.cli.command import list_written, report_error
+from dino_dist.cli.command import is_extra_rank, list_written, report_error
 from dino_dist.errors import CheckpointError, DataError
 from dino_dist.eval.attention import (DEFAULT_KEEP, image_files, require_vit,
                                       write_attention_pngs)
@@ -49,6 +49,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if is_extra_rank():
+        return 0
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
         files = image_files(args.images)

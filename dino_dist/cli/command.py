@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from dino_dist.distributed.env import DistEnv, init_distributed, teardown
+from dino_dist.distributed.env import DistEnv, init_distributed, read_launch_env, teardown
 from dino_dist.errors import USER_ERRORS
 
 
@@ -37,3 +37,10 @@ def on_every_rank(prog: str, device: str, work: Callable[[DistEnv], str]) -> int
     if env.is_main:
         print(line)
     return 0
+
+
+def is_extra_rank() -> bool:
+    """True in every process but the first when a one-process command is started under
+    torchrun (or as a multi-task SLURM step): those leave at once, since they would only
+    race rank 0 for the same output files."""
+    return read_launch_env()[0] != 0

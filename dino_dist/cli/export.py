@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dino_dist.cli.command import is_extra_rank, report_error
 from dino_dist.checkpoint.export import FORMATS, export, sidecar
 from dino_dist.errors import CheckpointError
 
@@ -68,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mistake = option_mistake(args)
     if mistake:
-        print(f"dino-export: error: {mistake}", file=sys.stderr)
-        return 2
+        return report_error("dino-export", mistake)
+    if is_extra_rank():
+        return 0
     try:
         output = args.output or default_output(args.checkpoint, args.which, args.format,
                                                args.safetensors)
         info, numel = export(args.checkpoint, output, args.which, args.format, args.safetensors)
     except (CheckpointError, OSError, KeyError) as err:
-        print(f"dino-export: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("dino-export", err)
     return report(output, info, numel)
 
 
