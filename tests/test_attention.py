@@ -24,7 +24,7 @@ from dino_dist.checkpoint.export import export, sidecar
 from dino_dist.cli.attention import main as attention_main
 from dino_dist.config import config_from_dict
 from dino_dist.errors import ConfigError
-from dino_dist.eval.attention import (AttentionGrid, image_maps, kept_mass, mass_mask,
+from dino_dist.eval.attention import (AttentionGrid, image_maps, mass_mask,
                                       patch_grid, pictures, read_image)
 from dino_dist.eval.backbone import backbone_from_checkpoint
 from dino_dist.models import MultiCropWrapper, build_backbone
@@ -40,6 +40,11 @@ DDP_SETTINGS = {"train.max_steps": DDP_STEPS, "train.epochs": 5, "optim.lr": 0.2
                 "optim.teacher_momentum": 0.95, "eval.every_epochs": 2,
                 "model.drop_path_rate": 0.1}
 FSDP_STEPS, FSDP_GRID_STEPS = 6, [4, 6]  # 2 ranks x 4 images per step
+
+
+def kept_mass(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The share of each map's attention mass inside its mask."""
+    return (maps * mask).flatten(-2).sum(-1) / maps.flatten(-2).sum(-1)
 
 
 @pytest.fixture(scope="module", autouse=True)

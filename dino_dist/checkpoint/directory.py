@@ -87,9 +87,6 @@ def remove_unfinished_writes(directory: Path) -> list[Path]:
     debris += [p for p in list_checkpoints(directory)
                if is_sharded(p) and not (p / COMMIT_MARKER).exists()]
     for path in debris:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove(path)
         LOG.warning("removed %s: a save that was interrupted before it was committed", path)
     return debris

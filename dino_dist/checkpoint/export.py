@@ -39,6 +39,7 @@ TIMM_MODELS: dict[tuple[str, int], str] = {
 TIMM_IMG_SIZE = 224  # what every name above is built for
 # vit_mini (our demo size) has no timm name: timm builds it from this one, sizes overridden.
 TIMM_NAME_FOR_OWN_SIZES = "vit_small_patch16_224"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def backbone_weights(state: dict[str, Any], which: str = "teacher") -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def timm_model_for(arch: str, patch_size: int, img_size: int) -> tuple[str, dict
         name = TIMM_NAME_FOR_OWN_SIZES
         embed_dim, depth, num_heads = VIT_ARCHS[arch]
         kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                      patch_size=patch_size, img_size=img_size)
+                      patch_size=patch_size)
     else:
         what = f"{arch} patch {patch_size}" if arch in VIT_ARCHS else arch
         have = ", ".join(f"{a} patch {p}" for a, p in TIMM_MODELS)
@@ -104,3 +105,11 @@ def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
 
 def sidecar(weights_file: Path) -> Path:
     return weights_file.with_name(weights_file.name + ".json")
+
+
+def read_exported(weights_file: Path) -> dict[str, torch.Tensor]:
+    """The weights of a `dino-export` file, pickled (.pth) or safetensors."""
+    if weights_file.suffix == SAFETENSORS_SUFFIX:
+        from safetensors.torch import load_file
+        return load_file(str(weights_file))
+    return torch.load(weights_file, map_location="cpu", weights_only=True)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from dino_dist.delays import pause_if_set
+from dino_dist.distributed.collectives import broadcast_object
+from dino_dist.errors import CheckpointError
 
 FORMAT_VERSION = 1  # of the manifest and commit-marker files, checked when reading
 
@@ -81,3 +83,25 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_error(path: Path, err: OSError) -> str:
+    return (f"cannot write checkpoint '{path}' ({err.strerror or err}): free disk space or "
+            f"fix the folder's permissions, then restart; earlier checkpoints are kept")
+
+
+def main_rank_writes(is_main: bool, path: Path, write: Callable[[], None],
+                     share: bool = True) -> None:
+    """Rank 0 runs `write`; with `share`, every rank waits for it and learns whether it failed
+    (instead of a bare barrier), so all stop together with CheckpointError rather than train
+    on without a checkpoint. A failed write names `path` and what to do."""
+    error = None
+    if is_main:
+        try:
+            write()
+        except OSError as err:
+            error = write_error(path, err)
+    if share:
+        error = broadcast_object(error)
+    if error:
+        raise CheckpointError(error)

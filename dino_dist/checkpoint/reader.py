@@ -46,6 +46,4 @@ def load_newest_valid(directory: Path, map_location: torch.device | str = "cpu")
 def read_whole(path: Path) -> dict[str, Any]:
     """Every tensor of a file or a folder, whole, in this process (for export and tools)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist: check the path")
     return read_full(path) if is_sharded(path) else load_file(path, map_location="cpu")

@@ -29,13 +29,11 @@ import torch
 import torch.distributed as dist
 
 from dino_dist.checkpoint.directory import COMMIT_MARKER, folder_name
-from dino_dist.checkpoint.files import FORMAT_VERSION, atomic_write, fsync_dir
-from dino_dist.checkpoint.single_file import write_error
+from dino_dist.checkpoint.files import FORMAT_VERSION, atomic_write, fsync_dir, main_rank_writes
 from dino_dist.errors import CheckpointError
-from dino_dist.distributed.collectives import barrier, broadcast_object
+from dino_dist.distributed.collectives import barrier
 
 LOG = logging.getLogger("dino_dist")
-MARKER = COMMIT_MARKER
 EXTRA_STATE = "state.pt"
 
 
@@ -58,16 +56,10 @@ class ShardedSaver:
         `extra`: the rest of the state (small, plain), written by rank 0 into state.pt."""
         self.wait()
         folder = self.directory / folder_name(extra["step"])
-        error = None
-        if self.is_main:
-            try:
-                _prepare_folder(folder)
-                atomic_write(folder / EXTRA_STATE, lambda f: torch.save(extra, f))
-            except OSError as err:
-                error = write_error(folder, err)
-        error = broadcast_object(error)
-        if error:
-            raise CheckpointError(error)
+        def start() -> None:
+            _prepare_folder(folder)
+            atomic_write(folder / EXTRA_STATE, lambda f: torch.save(extra, f))
+        main_rank_writes(self.is_main, folder, start)
         if self.async_save:
             self.pending = self._start_async(weights, folder, extra)
             return folder
@@ -107,17 +99,10 @@ class ShardedSaver:
             self.committed.set()
 
     def _commit(self, folder: Path, extra: dict[str, Any], wait_for_ranks: bool = True) -> None:
-        error = None
-        if self.is_main:
-            try:
-                write_marker(folder, extra)
-                self.after_commit()
-            except OSError as err:
-                error = write_error(folder, err)
-        if wait_for_ranks:
-            error = broadcast_object(error)
-        if error:
-            raise CheckpointError(error)
+        def commit() -> None:
+            write_marker(folder, extra)
+            self.after_commit()
+        main_rank_writes(self.is_main, folder, commit, share=wait_for_ranks)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and committed."""
@@ -140,14 +125,15 @@ def _prepare_folder(folder: Path) -> None:
 
 
 def write_marker(folder: Path, extra: dict[str, Any]) -> None:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MARKER}
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+             if p.name != COMMIT_MARKER}
     for name in files:  # the shards were written by other processes: make them durable
         with open(folder / name, "rb") as f:
             os.fsync(f.fileno())
     marker = {"format_version": FORMAT_VERSION, "step": extra["step"], "epoch": extra["epoch"],
               "epoch_step": extra.get("epoch_step", 0), "world_size": extra.get("world_size"),
               "files": files}
-    atomic_write(folder / MARKER, lambda f: f.write(json.dumps(marker).encode()))
+    atomic_write(folder / COMMIT_MARKER, lambda f: f.write(json.dumps(marker).encode()))
     fsync_dir(folder)
     fsync_dir(folder.parent)
 
@@ -155,9 +141,9 @@ def write_marker(folder: Path, extra: dict[str, Any]) -> None:
 def read_marker(folder: Path) -> dict[str, Any]:
     """The folder's commit marker, checked against the files; CheckpointError if not valid."""
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        marker = json.loads((folder / COMMIT_MARKER).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint folder '{folder}' has no {MARKER}: its save did "
+        raise CheckpointError(f"checkpoint folder '{folder}' has no {COMMIT_MARKER}: its save did "
                               f"not finish")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"commit marker of '{folder}' is unreadable ({err})")

@@ -15,31 +15,16 @@ from typing import Any
 import torch
 
 from dino_dist.checkpoint.directory import file_name, manifest_path
-from dino_dist.checkpoint.files import FORMAT_VERSION, atomic_write, fsync_dir, save_tensors, sha256
-from dino_dist.distributed.collectives import broadcast_object
+from dino_dist.checkpoint.files import (FORMAT_VERSION, atomic_write, fsync_dir,
+                                        main_rank_writes, save_tensors, sha256)
 from dino_dist.errors import CheckpointError
 
 
 def save_file(directory: Path, state: dict[str, Any], is_main: bool) -> Path:
     """Rank 0 writes data then manifest; every rank waits until both are committed."""
     path = directory / file_name(state["step"])
-    error = None
-    if is_main:
-        try:
-            _commit(path, state)
-        except OSError as err:
-            error = write_error(path, err)
-    # Instead of a bare barrier: every rank waits for the commit *and* learns whether it
-    # failed, so all stop together rather than training on without a checkpoint.
-    error = broadcast_object(error)
-    if error:
-        raise CheckpointError(error)
+    main_rank_writes(is_main, path, lambda: _commit(path, state))
     return path
-
-
-def write_error(path: Path, err: OSError) -> str:
-    return (f"cannot write checkpoint '{path}' ({err.strerror or err}): free disk space or "
-            f"fix the folder's permissions, then restart; earlier checkpoints are kept")
 
 
 def _commit(path: Path, state: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dino_dist.cli.command import is_extra_rank, list_written, report_error
+from dino_dist.distributed.env import pick_device
 from dino_dist.errors import CheckpointError, DataError
 from dino_dist.eval.attention import (DEFAULT_KEEP, image_files, require_vit,
                                       write_attention_pngs)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if is_extra_rank():
         return 0
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device, 0)
     try:
         files = image_files(args.images)
         backbone, _cfg = backbone_from_checkpoint(args.checkpoint, device)

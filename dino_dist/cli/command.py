@@ -10,7 +10,7 @@ from dino_dist.distributed.env import DistEnv, init_distributed, read_launch_env
 from dino_dist.errors import USER_ERRORS
 
 
-def report_error(prog: str, err: Exception) -> int:
+def report_error(prog: str, err: Exception | str) -> int:
     """`prog: error: ...` on stderr (the message names the problem and the fix); exit code 2."""
     print(f"{prog}: error: {err}", file=sys.stderr)
     return 2
@@ -27,8 +27,8 @@ def on_every_rank(prog: str, device: str, work: Callable[[DistEnv], str]) -> int
     """Run `work` in every process of the job (one plain process, or each torchrun rank) with
     the process group around it; a user mistake ends in one line and exit code 2 on every
     rank, and the line `work` returns is printed once, by rank 0."""
-    env = init_distributed(device)
     try:
+        env = init_distributed(device)
         line = work(env)
     except USER_ERRORS as err:
         return report_error(prog, err)

@@ -16,11 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from dino_dist.checkpoint.directory import CHECKPOINT_PATTERN
 from dino_dist.cli.command import is_extra_rank, report_error
-from dino_dist.checkpoint.export import FORMATS, export, sidecar
+from dino_dist.checkpoint.export import SAFETENSORS_SUFFIX, FORMATS, export, sidecar
 from dino_dist.errors import CheckpointError
 
-SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def report(output: Path, info: dict, numel: int) -> int:
@@ -37,8 +37,8 @@ def report(output: Path, info: dict, numel: int) -> int:
 
 
 def default_output(checkpoint: Path, which: str, target: str, safetensors: bool) -> Path:
-    step = int(checkpoint.name.split("_")[-1].split(".")[0]) \
-        if checkpoint.name.startswith("step_") else 0
+    named = CHECKPOINT_PATTERN.match(checkpoint.name)
+    step = int(named.group(1)) if named else 0
     suffix = ("_timm" if target == "timm" else "") + (SAFETENSORS_SUFFIX if safetensors else ".pth")
     return checkpoint.parent.parent / f"{which}_backbone_step{step}{suffix}"
 

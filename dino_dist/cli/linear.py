@@ -73,8 +73,8 @@ def main(argv=None) -> int:
 def probe(args: argparse.Namespace, env: DistEnv) -> str:
     output_dir = args.output_dir or default_output_dir(args.checkpoint)
     setup_logging(None, env.is_main)  # the probe adds its log.txt once the inputs are good
-    features = FeatureSettings(args.n_last_blocks or 0, args.avgpool, args.image_size or 0,
-                               args.train_views, args.seed)
+    features = FeatureSettings(args.n_last_blocks, args.avgpool, args.image_size,
+                               args.train_views, args.seed)  # None: the checkpoint's choice
     settings = ProbeSettings(args.epochs, args.batch_size, args.lr, args.weight_decay, args.seed)
     result = linear_probe(args.checkpoint, args.train_data, args.val_data, output_dir,
                           features, settings, env, args.num_workers)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from dino_dist.cli.command import report_error
 from dino_dist.cluster.requeue import after_stop
 from dino_dist.config import load_config
 from dino_dist.data import resolve_data_root
@@ -40,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.data.path != "demo":
             resolve_data_root(cfg.data)  # a bad folder fails before any process group starts
+        env = init_distributed(cfg.train.device,
+                               timeout_s=max(STARTUP_TIMEOUT_S, cfg.train.dist_timeout_s))
     except USER_ERRORS as err:
-        print(f"dino-train: error: {err}", file=sys.stderr)
-        return 2
-    env = init_distributed(cfg.train.device, timeout_s=max(STARTUP_TIMEOUT_S, cfg.train.dist_timeout_s))
+        return report_error("dino-train", err)
     try:
         from dino_dist.training.run import TrainingRun  # heavy imports after argument checks
 

@@ -39,7 +39,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _normalise() -> v2.Compose:
+def normalise() -> v2.Compose:
+    """Image (uint8 or float in [0, 1]) -> float32 normalised with the ImageNet statistics."""
     return v2.Compose([
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
@@ -68,7 +69,7 @@ def _crop_pipeline(size: int, scale: Sequence[float], blur_p: float, solarize_p:
         steps.append(blur if blur_p >= 1.0 else v2.RandomApply([blur], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
-    steps.append(_normalise())
+    steps.append(normalise())
     return v2.Compose(steps)
 
 
@@ -167,5 +168,5 @@ def eval_transform(image_size: int) -> v2.Compose:
     return v2.Compose([
         v2.Resize(int(image_size * 256 / 224), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
-        _normalise(),
+        normalise(),
     ])

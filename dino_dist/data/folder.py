@@ -26,16 +26,17 @@ MAX_CONSECUTIVE_BAD_IMAGES = 50
 DECODE_ERRORS = (OSError, RuntimeError, ValueError, Image.DecompressionBombError)
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
     # Dot-files are skipped: macOS '._x.jpg' resource forks look like images but are not.
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[str]:
+def images_under(folder: Path) -> list[str]:
+    """Image files under `folder`, sorted, recursively (hidden folders skipped, links followed)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(str(Path(dirpath, name)) for name in sorted(filenames) if _is_image(Path(name)))
+        found.extend(str(Path(dirpath, name)) for name in sorted(filenames) if is_image(Path(name)))
     return found
 
 
@@ -57,7 +58,7 @@ def find_images(root: str | Path, what: str = "data.path", hint: str = PATH_HINT
     _check_root(root, what, hint)
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     class_dirs = [p for p in entries if p.is_dir()]
-    loose_images = [str(p) for p in entries if p.is_file() and _is_image(p)]
+    loose_images = [str(p) for p in entries if p.is_file() and is_image(p)]
     if not class_dirs:
         if not loose_images:
             raise DataError(f"{what} '{root}' contains no images ({', '.join(IMAGE_EXTENSIONS)}): {hint}")
@@ -69,7 +70,7 @@ def find_images(root: str | Path, what: str = "data.path", hint: str = PATH_HINT
         )
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        class_files = _images_under(class_dir)
+        class_files = images_under(class_dir)
         if not class_files:
             raise DataError(f"class folder '{class_dir}' contains no images: add images to it or remove it")
         files.extend(class_files)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dino_dist.errors import ConfigError
 from dino_dist.distributed.slurm_env import slurm_rendezvous
 
 
@@ -68,8 +69,8 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     if preference == "cpu":
         return torch.device("cpu")
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible: "
-                           "use train.device=auto or cpu")
+        raise ConfigError("device cuda was asked for (train.device or --device), but no CUDA "
+                          "device is visible: use cpu or auto")
     if torch.cuda.is_available():
         index = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)

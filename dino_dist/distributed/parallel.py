@@ -91,3 +91,14 @@ def prepare_models(student: nn.Module, teacher: nn.Module, env: DistEnv,
         student, teacher = shard(student, train.precision), shard(teacher, train.precision)
         return student, student, teacher
     return wrap_student(student, env), student, teacher
+
+
+def release_gathered_parameters(model: nn.Module) -> None:
+    """Free what a sharded root gathered for its last forward (a no-op when not sharded).
+
+    FSDP2 keeps a root's gathered parameters until its backward. A forward with no backward
+    after it (the teacher, evaluation) must release them: otherwise the next forward would
+    reuse them even after the shards changed (the teacher's EMA).
+    """
+    if hasattr(model, "reshard"):
+        model.reshard()

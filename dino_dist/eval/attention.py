@@ -18,8 +18,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from dino_dist.config import Config
-from dino_dist.data.crop_group import IMAGENET_MEAN, IMAGENET_STD
-from dino_dist.data.folder import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb, find_images
+from dino_dist.data.augment import normalise
+from dino_dist.data.folder import (DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb, find_images,
+                                   images_under)
 from dino_dist.errors import CheckpointError, ConfigError, DataError
 from dino_dist.eval.knn import live_backbone
 from dino_dist.models import VIT_ARCHS, VisionTransformer
@@ -55,11 +56,6 @@ def mass_mask(maps: torch.Tensor, keep: float = DEFAULT_KEEP) -> torch.Tensor:
     return kept.reshape(maps.shape)
 
 
-def kept_mass(maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The share of each map's attention mass inside its mask."""
-    return (maps * mask).flatten(-2).sum(-1) / maps.flatten(-2).sum(-1)
-
-
 # -- images in, pictures out ---------------------------------------------------------------
 
 def model_size(height: int, width: int, patch: int, shorter_side: int | None) -> tuple[int, int]:
@@ -78,7 +74,8 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def model_input(picture: torch.Tensor) -> torch.Tensor:
-    return TF.normalize(picture, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    """Picture(s) in [0, 1] -> the model's input (the training pipeline's normalisation)."""
+    return normalise()(picture)
 
 
 def colorize(values: torch.Tensor) -> torch.Tensor:
@@ -167,8 +164,7 @@ def image_files(paths: list[Path]) -> list[Path]:
         if path.is_file():
             files.append(path)
             continue
-        found = sorted(p for p in path.rglob("*") if p.is_file()
-                       and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        found = [Path(p) for p in images_under(path)]
         if not found:
             raise DataError(f"folder '{path}' contains no images ({', '.join(IMAGE_EXTENSIONS)}):"
                             " give image files or folders that hold some")
@@ -262,7 +258,7 @@ class AttentionGrid:
         """[1, 3, H, W] in [0, 1]. Every rank must call it (a sharded forward is a collective);
         eval mode, no random numbers, the mode restored and a sharded root resharded after."""
         with live_backbone(teacher):
-            attention = teacher(self.inputs, cls_attention=True).float().cpu()
+            attention = teacher(self.inputs, output="cls_attention").float().cpu()
         cells = self.pictures.shape[-1] // self.patch
         maps = patch_grid(attention, cells, cells)
         lines = [pictures(picture, heads, self.patch)

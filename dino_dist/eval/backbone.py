@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from dino_dist.checkpoint.export import backbone_weights, sidecar
+from dino_dist.checkpoint.export import backbone_weights, read_exported, sidecar
 from dino_dist.checkpoint.reader import read_whole
 from dino_dist.config import Config, config_from_dict
 from dino_dist.models import build_backbone
@@ -18,7 +17,7 @@ def backbone_from_checkpoint(checkpoint: Path, device) -> tuple[nn.Module, Confi
     if sidecar(checkpoint).is_file():
         info = json.loads(sidecar(checkpoint).read_text())
         cfg = config_from_dict({"model": {k: info[k] for k in ("arch", "patch_size", "img_size")}})
-        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        weights = read_exported(checkpoint)
     else:
         state = read_whole(checkpoint)
         cfg = config_from_dict(state["config"])

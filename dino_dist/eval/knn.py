@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.distributed.collectives import all_gather_objects
 from dino_dist.distributed.env import DistEnv
 
@@ -37,17 +38,17 @@ def live_backbone(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
-        yield lambda images: model(images, backbone_only=True)
+        yield lambda images: model(images, output="backbone")
     finally:
         model.train(was_training)
-        if hasattr(model, "reshard"):  # an FSDP2 root keeps its gathered parameters
-            model.reshard()
+        release_gathered_parameters(model)
 
 
 @torch.no_grad()
 def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], dataset, env: DistEnv,
                      batch_size: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D] L2-normalised, labels [N]) for the whole dataset, on every rank.
+    """(features [N, D] as the backbone gives them, labels [N]) for the whole dataset, on
+    every rank (k-NN L2-normalises them; the linear probe reads them raw).
 
     `backbone` maps an image batch to features (a bare backbone, or `live_backbone(model)`);
     a bare module is put in eval mode.
@@ -59,7 +60,7 @@ def extract_features(backbone: Callable[[torch.Tensor], torch.Tensor], dataset, 
     features, labels = [], []
     for images, targets in loader:
         out = backbone(images.to(env.device)).float()
-        features.append(F.normalize(out, dim=1).cpu())
+        features.append(out.cpu())
         labels.append(torch.as_tensor(targets))
     for _ in range(stand_ins):  # output dropped: only keeps the collectives in step
         backbone(dataset[0][0].unsqueeze(0).to(env.device))
@@ -102,4 +103,5 @@ def knn_accuracy(backbone: Callable[[torch.Tensor], torch.Tensor], train_set, va
                  temperature: float, batch_size: int, num_workers: int = 0) -> tuple[float, float]:
     train_f, train_l = extract_features(backbone, train_set, env, batch_size, num_workers)
     val_f, val_l = extract_features(backbone, val_set, env, batch_size, num_workers)
-    return knn_classify(train_f, train_l, val_f, val_l, k, temperature)
+    return knn_classify(F.normalize(train_f, dim=1), train_l, F.normalize(val_f, dim=1), val_l,
+                        k, temperature)

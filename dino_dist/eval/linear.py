@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,7 @@ from dino_dist.distributed.env import DistEnv
 from dino_dist.errors import ConfigError, DataError
 from dino_dist.eval.backbone import backbone_from_checkpoint
 from dino_dist.eval.linear_features import (FeatureSettings, cache_path, cached_features,
-                                            default_n_last_blocks, feature_function)
+                                            default_n_last_blocks, feature_function, transforms)
 from dino_dist.observe.metrics import MetricsWriter, setup_logging
 
 LOG = logging.getLogger("dino_dist")
@@ -44,9 +44,11 @@ class ProbeSettings:
     seed: int
 
 
-def labelled_sets(train_dir: Path, val_dir: Path) -> list[LabelledImageDataset]:
-    """Both folders (transforms are set at extraction); they must name the same classes."""
-    train_set, val_set = (LabelledImageDataset(d, None) for d in (train_dir, val_dir))
+def labelled_sets(train_dir: Path, val_dir: Path,
+                  settings: FeatureSettings) -> list[LabelledImageDataset]:
+    """Both folders under their extraction transforms; they must name the same classes."""
+    train_set, val_set = (LabelledImageDataset(d, t)
+                          for d, t in zip((train_dir, val_dir), transforms(settings)))
     if train_set.classes != val_set.classes:  # both sorted: only different names differ
         differ = sorted(set(train_set.classes) ^ set(val_set.classes))
         raise DataError(f"--train-data '{train_dir}' and --val-data '{val_dir}' have different "
@@ -61,17 +63,19 @@ def lr_at(settings: ProbeSettings, epoch: int) -> float:
 
 
 def hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[top-1 hits, top-5 hits, count] of a batch, as float64 for exact sums over ranks."""
+    """[top-1 hits, top-5 hits, count] of a batch on the logits' device, as float64 for
+    exact sums over ranks; no host sync (the caller reads its totals once)."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(logits.device)[:, None]
-    return torch.tensor([top[:, 0].sum().item(), top.any(dim=1).sum().item(), len(labels)],
-                        dtype=torch.float64)
+    return torch.stack([top[:, 0].sum(), top.any(dim=1).sum(),
+                        torch.tensor(len(labels), device=logits.device)]).to(torch.float64)
 
 
 def train_epoch(classifier: nn.Linear, optimizer, features: torch.Tensor, labels: torch.Tensor,
                 settings: ProbeSettings, epoch: int, env: DistEnv) -> dict[str, float]:
     for group in optimizer.param_groups:
         group["lr"] = lr_at(settings, epoch)
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    # loss sum, top-1, top-5, count: kept on the device, read once after the epoch
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)
     # Index -1 is no image's, so the order's seed is never an augmented view's.
     shuffle = torch.Generator().manual_seed(sample_seed(settings.seed, epoch, -1))
     for batch in torch.randperm(len(labels), generator=shuffle).split(settings.batch_size):
@@ -83,24 +87,24 @@ def train_epoch(classifier: nn.Linear, optimizer, features: torch.Tensor, labels
         for param in classifier.parameters():
             all_reduce_sum_(param.grad)
         optimizer.step()
-        totals[0] += loss_sum.item()
+        totals[0] += loss_sum.detach()
         totals[1:] += hits(logits.detach(), labels[mine])
     all_reduce_sum_(totals)
-    return {"lr": lr_at(settings, epoch), "train_loss": totals[0].item() / totals[3].item(),
-            "train_top1": 100 * totals[1].item() / totals[3].item(),
-            "train_top5": 100 * totals[2].item() / totals[3].item()}
+    loss, top1, top5, count = totals.tolist()
+    return {"lr": lr_at(settings, epoch), "train_loss": loss / count,
+            "train_top1": 100 * top1 / count, "train_top5": 100 * top5 / count}
 
 
 @torch.no_grad()
 def evaluate(classifier: nn.Linear, features: torch.Tensor, labels: torch.Tensor,
              env: DistEnv) -> dict[str, float]:
-    totals = torch.zeros(3, dtype=torch.float64)
+    totals = torch.zeros(3, dtype=torch.float64, device=env.device)
     rows = torch.arange(env.rank, len(labels), env.world_size)
     for chunk in rows.split(EVAL_CHUNK):
         totals += hits(classifier(features[chunk].to(env.device)), labels[chunk])
     all_reduce_sum_(totals)
-    return {"val_top1": 100 * totals[0].item() / totals[2].item(),
-            "val_top5": 100 * totals[1].item() / totals[2].item()}
+    top1, top5, count = totals.tolist()
+    return {"val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count}
 
 
 def new_classifier(dim: int, classes: int, seed: int) -> nn.Linear:
@@ -134,10 +138,11 @@ def linear_probe(checkpoint: Path, train_dir: Path, val_dir: Path, output_dir: P
                  num_workers: int = 0) -> dict[str, float]:
     """Train (or continue) the probe to `settings.epochs`; the last epoch's metrics."""
     backbone, cfg = backbone_from_checkpoint(checkpoint, env.device)
-    train_set, val_set = labelled_sets(train_dir, val_dir)
-    features = FeatureSettings(requested.n_last_blocks or default_n_last_blocks(cfg.model.arch),
-                               requested.avgpool, requested.image_size or cfg.eval.image_size,
-                               requested.train_views, requested.seed)
+    features = replace(
+        requested,
+        n_last_blocks=requested.n_last_blocks or default_n_last_blocks(cfg.model.arch),
+        image_size=requested.image_size or cfg.eval.image_size)
+    train_set, val_set = labelled_sets(train_dir, val_dir, features)
     extractor = feature_function(backbone, features)
     setup_logging(output_dir, env.is_main)  # only now: bad input leaves no folder behind
     cache = cache_path(output_dir, checkpoint, train_set.files, val_set.files, features)

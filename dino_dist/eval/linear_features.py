@@ -16,24 +16,24 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from dino_dist.checkpoint.files import atomic_write
 from dino_dist.data import LabelledImageDataset, eval_transform, sample_seed
 from dino_dist.data.crop_group import IMAGENET_MEAN, IMAGENET_STD
-from dino_dist.distributed.collectives import all_gather_objects, broadcast_object
+from dino_dist.distributed.collectives import broadcast_object
 from dino_dist.distributed.env import DistEnv
 from dino_dist.errors import ConfigError
-from dino_dist.eval.knn import rank_batches
+from dino_dist.eval.knn import extract_features
 from dino_dist.models import VisionTransformer
 
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    n_last_blocks: int  # CLS tokens of the last n blocks, concatenated (ViT only)
+    n_last_blocks: int | None  # CLS tokens of the last n blocks, concatenated (ViT only);
+                               # None: the architecture's default
     avgpool: bool       # also the mean patch token of the last block (ViT only)
-    image_size: int
+    image_size: int | None      # None: the checkpoint's eval.image_size
     train_views: int    # augmented views cached per training image; 0 = centre crops
     seed: int
 
@@ -48,6 +48,13 @@ def train_transform(image_size: int) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(),
                        v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+def transforms(settings: FeatureSettings) -> tuple[v2.Compose, v2.Compose]:
+    """(training, validation) image transforms: augmented training views when
+    `train_views` > 0, else both a resize + centre crop."""
+    val = eval_transform(settings.image_size)
+    return (train_transform(settings.image_size) if settings.train_views > 0 else val), val
 
 
 def feature_function(backbone: nn.Module, settings: FeatureSettings) -> Callable:
@@ -87,25 +94,6 @@ class SeededViews:
             torch.set_rng_state(caller_state)
 
 
-@torch.no_grad()
-def extract(features: Callable, dataset, env: DistEnv, batch_size: int,
-            num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [N, D], labels [N]) on every rank; each rank computes every world_size-th.
-    Unlike k-NN's, not L2-normalised: DINO's linear probe reads the raw tokens."""
-    batches, _ = rank_batches(len(dataset), env, batch_size)  # a plain module: no stand-ins
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers)
-    outputs = [(features(images.to(env.device)).float().cpu(), torch.as_tensor(labels))
-               for images, labels in loader]
-    shard = torch.tensor([i for batch in batches for i in batch], dtype=torch.long)
-    gathered = all_gather_objects((shard, outputs))
-    order = torch.cat([indices for indices, _ in gathered])
-    feats = torch.cat([f for _, parts in gathered for f, _ in parts])
-    labels = torch.cat([l for _, parts in gathered for _, l in parts])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    return feats[inverse], labels[inverse]
-
-
 def cache_path(output_dir: Path, checkpoint: Path, train_files: list[str], val_files: list[str],
                settings: FeatureSettings) -> Path:
     """The cache's name: a hash of the checkpoint (path, size, mtime of each file), both
@@ -121,15 +109,15 @@ def cached_features(path: Path, features: Callable, train_set: LabelledImageData
                     val_set: LabelledImageDataset, settings: FeatureSettings, env: DistEnv,
                     batch_size: int, num_workers: int) -> dict[str, torch.Tensor]:
     """{"train": [views, N, D], "train_labels", "val": [M, D], "val_labels"}, read from the
-    cache when it is there (rank 0 decides, so all ranks agree), else extracted and cached."""
+    cache when it is there (rank 0 decides, so all ranks agree), else extracted and cached.
+    Both datasets come with their transforms (see `transforms`); features are not
+    L2-normalised: DINO's linear probe reads the raw tokens."""
     if broadcast_object(path.is_file()):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    val_set.transform = eval_transform(settings.image_size)
-    val, val_labels = extract(features, val_set, env, batch_size, num_workers)
-    augmented = settings.train_views > 0
-    train_set.transform = train_transform(settings.image_size) if augmented else val_set.transform
-    views = [extract(features, SeededViews(train_set, settings.seed, view), env, batch_size,
-                     num_workers) for view in range(max(settings.train_views, 1))]
+    val, val_labels = extract_features(features, val_set, env, batch_size, num_workers)
+    views = [extract_features(features, SeededViews(train_set, settings.seed, view), env,
+                              batch_size, num_workers)
+             for view in range(max(settings.train_views, 1))]
     result = {"train": torch.stack([f for f, _ in views]), "train_labels": views[0][1],
               "val": val, "val_labels": val_labels}
     if env.is_main:

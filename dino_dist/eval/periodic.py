@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.distributed.rng import rng_state, set_rng_state
 from dino_dist.config import Config, ConfigError
 from dino_dist.data import MultiCropAugmentation, MultiCropDataset, collate_multicrop, demo_val_root
@@ -192,8 +193,7 @@ class PeriodicEvaluation:
         for _ in range(stand_ins):  # dropped: keeps a sharded model's collectives in step
             self._loss_of(collate_multicrop([self._val_set[(0, 0)]])[0], temp)
         for model in (self.teacher, engine.student):
-            if hasattr(model, "reshard"):  # an FSDP2 root keeps its gathered parameters
-                model.reshard()
+            release_gathered_parameters(model)
         loss_sum, count = all_reduce_sum_(total).tolist()
         return loss_sum / max(count, 1)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
+OUTPUTS = ("head", "backbone", "cls_attention")
 
 
 def resolution_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -29,24 +30,26 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: Crops, backbone_only: bool = False,
-                cls_attention: bool = False) -> torch.Tensor:
-        """Head outputs; with `backbone_only`, the backbone's features; with `cls_attention`,
-        a ViT backbone's last-block CLS attention [B, heads, tokens] (both for evaluation).
+    def forward(self, crops: Crops, output: str = "head") -> torch.Tensor:
+        """`output`: "head" (the head's outputs), "backbone" (the backbone's features) or
+        "cls_attention" (a ViT backbone's last-block CLS attention [B, heads, tokens]); the
+        last two are for evaluation.
 
         Evaluation goes through this forward rather than calling `self.backbone` directly:
         when the model is sharded (FSDP2), only the root module's own forward gathers the
         root's parameters (patch embedding, position table, CLS token, head).
         """
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        if cls_attention:  # one resolution only: other grids have other token counts
+        if output == "cls_attention":  # one resolution only: other grids have other token counts
             return self.backbone.get_last_cls_attention(torch.cat(list(crops)))
         features = [
             self.backbone(torch.cat(list(crops[start:end])))
             for start, end in resolution_groups(crops)
         ]
-        if backbone_only:
+        if output == "backbone":
             return torch.cat(features)
         # One head pass over everything keeps BatchNorm statistics (if any) global.
         return self.head(torch.cat(features))

@@ -69,11 +69,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, tokens, dim] -> [3, B, heads, tokens, head_dim] (a view: q, k, v = _qkv(x))."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        head_dim = dim // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = self._qkv(x)
         # SDPA's default scale is head_dim**-0.5, the same as the official code.
         attended = F.scaled_dot_product_attention(q, k, v)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
@@ -84,10 +88,8 @@ class Attention(nn.Module):
         Written out because SDPA does not return its probabilities; training never comes here.
         Only the CLS row is formed, so memory grows with the tokens, not with their square.
         """
-        batch, tokens, dim = x.shape
-        head_dim = dim // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        q, k, _ = self._qkv(x)
+        head_dim = q.shape[-1]
         logits = (q[:, :, :1] * head_dim ** -0.5) @ k.transpose(-2, -1)
         return logits.float().softmax(dim=-1)[:, :, 0]
 

@@ -52,8 +52,9 @@ def chosen_mode() -> str | None:
 def run_id_for(output_dir: Path) -> str:
     """The run directory's W&B id: read back after a restart, made once otherwise."""
     path = output_dir / RUN_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
+    saved = path.read_text().strip() if path.is_file() else ""
+    if saved:
+        return saved
     run_id = uuid.uuid4().hex[:12]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(run_id + "\n")

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from dino_dist.distributed.collectives import all_reduce_sum_
 from dino_dist.distributed.env import DistEnv
+from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.errors import NonFiniteLossError
 from dino_dist.training.loss import DINOLoss
 from dino_dist.training.schedules import Schedules
@@ -152,11 +153,7 @@ class DinoEngine:
             with self.autocast():
                 with torch.no_grad():
                     teacher_out = self.teacher(crops[: self.n_global_crops])
-                if hasattr(self.teacher, "reshard"):
-                    # FSDP keeps a root's gathered parameters until its backward, which the
-                    # teacher never runs: without this its next forward would reuse the
-                    # pre-EMA root weights instead of gathering the updated shards.
-                    self.teacher.reshard()
+                release_gathered_parameters(self.teacher)  # else the next step uses pre-EMA
                 self.clock.mark("teacher_forward")
                 student_out = self.student_wrapper(crops)
                 self.clock.mark("student_forward")

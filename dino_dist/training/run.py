@@ -43,6 +43,7 @@ class TrainingRun:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.started = time.perf_counter()
         self.saved_at: set[int] = set()
+        self.loop_seconds = 0.0  # stays 0 for a run that stopped early before this start
 
     def execute(self) -> LoopEnd:
         """Train until the config's end or a stop request; LoopEnd says which, and where."""
@@ -181,7 +182,7 @@ class TrainingRun:
         final = {k: v for k, v in self.metrics.latest.items() if k != "warnings"}
         best = self.evaluation.state_dict()["best"]
         summary = build_summary(self.cfg, end, start.step, time.perf_counter() - self.started,
-                                getattr(self, "loop_seconds", 0.0), self.env.world_size, best,
+                                self.loop_seconds, self.env.world_size, best,
                                 final)
         try:
             path = write_summary(self.output_dir, summary)
