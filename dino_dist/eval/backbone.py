@@ -16,7 +16,10 @@ def backbone_from_checkpoint(checkpoint: Path, device) -> tuple[nn.Module, Confi
     """From a training checkpoint (file or FSDP folder) or a `dino-export`ed backbone."""
     if sidecar(checkpoint).is_file():
         info = json.loads(sidecar(checkpoint).read_text())
-        cfg = config_from_dict({"model": {k: info[k] for k in ("arch", "patch_size", "img_size")}})
+        model = {k: info[k] for k in ("arch", "patch_size", "img_size")}
+        # An export keeps no eval settings: evaluate at the resolution its position table was
+        # trained at (the demo's 32 px, ImageNet's 224), as the checkpoint it came from does.
+        cfg = config_from_dict({"model": model, "eval": {"image_size": info["img_size"]}})
         weights = read_exported(checkpoint)
     else:
         state = read_whole(checkpoint)

@@ -190,7 +190,7 @@ class TrainingRun:
             LOG.warning("cannot write %s (%s); the final checkpoint is committed",
                         self.output_dir / "training_summary.json", err.strerror or err)
             return
-        LOG.info("wrote %s (%s)", path, end.early_stop or end.stop_reason or "completed")
+        LOG.info("wrote %s (%s)", path, summary["stop_reason"])
 
 
 def write_resolved_config(cfg: Config, output_dir: Path) -> None:
