@@ -8,6 +8,7 @@ process is rank 0 of 1 and needs no process group.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -125,8 +126,13 @@ def restart_scoped_store(rank: int, world: int, timeout: datetime.timedelta):
 
 
 def teardown() -> None:
+    # Free the models (FSDP modules and device meshes hold process groups in reference cycles)
+    # while the interpreter is fully alive: left to interpreter finalisation, destroying them
+    # was seen to abort or crash a rank after a successful run.
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def configure_cpu_threads(env: DistEnv, loader_workers: int) -> int:
