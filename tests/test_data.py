@@ -338,10 +338,10 @@ def test_demo_leftover_temp_folder_is_ignored(tmp_path):
 def test_demo_rename_race_loser_uses_the_winners_folder(tmp_path, monkeypatch):
     real_generate = demo._generate
 
-    def generate_while_another_rank_finishes(target, per_split, progress):
-        real_generate(target, per_split, progress)
+    def generate_while_another_rank_finishes(target, per_split, progress, version):
+        real_generate(target, per_split, progress, version)
         winner = tmp_path / f"demo-v{demo.GENERATOR_VERSION}-train1-val1"
-        real_generate(winner, per_split, progress)
+        real_generate(winner, per_split, progress, version)
         (winner / "winner").touch()
 
     monkeypatch.setattr(demo, "_generate", generate_while_another_rank_finishes)
@@ -356,10 +356,29 @@ def test_demo_classes_differ_in_shape_not_in_colour(tmp_path):
     pixels = np.stack([np.asarray(Image.open(f), dtype=np.float32) for f in files])
     labels = np.array(labels)
     class_means = np.stack([pixels[labels == c].mean(axis=(0, 1, 2)) for c in range(10)])
-    # Mean colour per class stays close to the global mean: colour is not the label.
-    assert np.abs(class_means - pixels.mean(axis=(0, 1, 2))).max() < 25
-    # Yet images of one class are not copies: shapes move, turn and swap polarity.
+    # Every class is grey: no colour channel tells the label.
+    assert np.ptp(class_means, axis=1).max() < 3
+    # Images of one class are not copies: shapes move, scale and turn.
     assert pixels[labels == 0].std(axis=0).mean() > 30
+
+
+def test_demo_version_3_draws_version_2_shapes_in_one_polarity(tmp_path):
+    old = ensure_demo_dataset(tmp_path, progress=False, per_class_train=6, per_class_val=1,
+                              version=2)
+    new = ensure_demo_dataset(tmp_path, progress=False, per_class_train=6, per_class_val=1)
+    assert (old.name, new.name) == ("demo-v2-train6-val1", "demo-v3-train6-val1")
+    inverted = 0
+    for path in sorted(old.glob("train/*/*.png")):
+        before = np.asarray(Image.open(path), dtype=np.float32)
+        after = np.asarray(Image.open(new / path.relative_to(old)), dtype=np.float32)
+        assert np.median(after[0]) < 128  # always a dark ground: the top row is ground
+        if np.median(before[0]) > 128:  # version 2 drew it on a light ground: inverted
+            inverted += 1
+            # The same shape, inverted (its pixel noise is not: not bit for bit).
+            assert np.corrcoef(255 - before.ravel(), after.ravel())[0, 1] > 0.9
+        else:
+            assert np.array_equal(before, after)
+    assert 10 <= inverted <= 50  # about half of the 60 images
 
 
 def test_demo_path_resolves_to_train_split(tmp_path, monkeypatch):

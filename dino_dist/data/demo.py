@@ -1,7 +1,14 @@
 """A small built-in image dataset so training runs with no download.
 
-Ten shape/pattern classes drawn at random position, scale, rotation and polarity, in
-the same two grey levels for every image, so only shape tells classes (and images) apart.
+Ten shape/pattern classes drawn at random position, scale and rotation, a light shape on a
+dark ground in the same two grey levels for every image, so only shape tells classes (and
+images) apart.
+
+Version 2 also drew each image's polarity (light on dark or dark on light). Two crops of one
+image share it and no DINO augmentation inverts an image, so polarity was the cheapest cue
+two views agree on: the features split the data by polarity first and learned shape slowly
+(benchmarks/demo_sweep.py, the `landed` rows). Version 3 keeps the shapes of version 2 and
+draws them in one polarity; `ensure_demo_dataset(version=2)` still makes the old set.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+GENERATOR_VERSIONS = (2, 3)
 IMAGE_SIZE = 48
 SUPERSAMPLE = 2  # shapes are drawn at 2x and averaged down, which anti-aliases edges
 PER_CLASS_TRAIN = 260
@@ -138,8 +146,10 @@ def _shape_alpha(rng: np.random.Generator, mask: Mask, angle: float) -> np.ndarr
     return covered.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
 
 
-def render_image(rng: np.random.Generator, label: int) -> np.ndarray:
-    """One HxWx3 uint8 image of class `label`: a light shape on dark ground or the reverse.
+def render_image(rng: np.random.Generator, label: int,
+                 version: int = GENERATOR_VERSION) -> np.ndarray:
+    """One HxWx3 uint8 image of class `label`: a light shape on dark ground (version 2: or
+    the reverse, drawn at random).
 
     The two grey levels are the same for every image (only the polarity is drawn), so no
     colour or brightness cue can tell one image from another: what two crops of an image
@@ -148,7 +158,8 @@ def render_image(rng: np.random.Generator, label: int) -> np.ndarray:
     """
     _, mask, draw_angle = CLASSES[label]
     dark, light = DARK_LEVEL, LIGHT_LEVEL
-    background, foreground = (dark, light) if rng.random() < 0.5 else (light, dark)
+    dark_ground = rng.random() < 0.5  # drawn in every version: the same shapes in each
+    background, foreground = (dark, light) if dark_ground or version >= 3 else (light, dark)
     alpha = _shape_alpha(rng, mask, draw_angle(rng))[..., None]
     noise = rng.normal(0, NOISE_STD, (IMAGE_SIZE, IMAGE_SIZE, 3))
     image = background * (1 - alpha) + foreground * alpha + noise
@@ -176,7 +187,8 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
-def _generate(target: Path, per_split: dict[str, int], progress: bool) -> None:
+def _generate(target: Path, per_split: dict[str, int], progress: bool,
+              version: int = GENERATOR_VERSION) -> None:
     total = len(CLASSES) * sum(per_split.values())
     bar = _ProgressBar(total, f"generating demo images in {target.parent}", progress)
     for split, per_class in per_split.items():
@@ -185,8 +197,9 @@ def _generate(target: Path, per_split: dict[str, int], progress: bool) -> None:
             class_dir.mkdir(parents=True)
             for number in range(per_class):
                 # Seeded per image: the content does not depend on generation order.
-                rng = np.random.default_rng([GENERATOR_VERSION, SPLIT_IDS[split], label, number])
-                Image.fromarray(render_image(rng, label)).save(class_dir / f"{number:04d}.png")
+                # Version 2's seeds in every version, so version 3 draws the same shapes.
+                rng = np.random.default_rng([2, SPLIT_IDS[split], label, number])
+                Image.fromarray(render_image(rng, label, version)).save(class_dir / f"{number:04d}.png")
                 bar.advance()
 
 
@@ -196,6 +209,7 @@ def ensure_demo_dataset(
     *,
     per_class_train: int = PER_CLASS_TRAIN,
     per_class_val: int = PER_CLASS_VAL,
+    version: int = GENERATOR_VERSION,
 ) -> Path:
     """Return a folder holding `train/` and `val/` ImageFolder trees, generating it once.
 
@@ -204,8 +218,10 @@ def ensure_demo_dataset(
     """
     if per_class_train < 1 or per_class_val < 1:
         raise ValueError(f"per_class_train and per_class_val must be positive, got {per_class_train}, {per_class_val}")
+    if version not in GENERATOR_VERSIONS:
+        raise ValueError(f"demo generator version {version} does not exist: {GENERATOR_VERSIONS}")
     root = Path(root).expanduser() if root else default_demo_dir()
-    final = root / f"demo-v{GENERATOR_VERSION}-train{per_class_train}-val{per_class_val}"
+    final = root / f"demo-v{version}-train{per_class_train}-val{per_class_val}"
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -215,7 +231,7 @@ def ensure_demo_dataset(
     if temporary.exists():
         # Same host and pid as us: left by a dead process whose pid we inherited.
         shutil.rmtree(temporary)
-    _generate(temporary, {"train": per_class_train, "val": per_class_val}, progress)
+    _generate(temporary, {"train": per_class_train, "val": per_class_val}, progress, version)
     try:
         os.rename(temporary, final)
     except OSError:
