@@ -5,8 +5,10 @@
 
 Builds a small labelled ImageFolder set from the photographs bundled with scikit-image (no
 download): one class per photograph, 48 px patches cut at random positions and scales from
-the photograph turned grey (so colour alone cannot tell the classes apart), training patches
-from its upper 60 % and validation patches from its lower 40 % (the two never overlap). Then
+the photograph turned grey and each patch brought to the same mean and contrast (so neither
+colour nor brightness alone tells the classes apart: what does is texture and structure),
+training patches from its upper 60 % and validation patches from its lower 40 % (the two
+never overlap). Then
 trains `dino-train` with the demo's config on the training patches, with the k-NN at the
 end on the two splits, and prints the teacher's and the random-init backbone's k-NN top-1 and
 the health warnings of the run. Extra key=value arguments override the config.
@@ -30,6 +32,7 @@ PATCH = 48
 SHORT_SIDE = 256  # each photograph is resized to this short side before cutting patches
 TRAIN_SHARE = 0.6
 PER_CLASS = {"train": 200, "val": 50}
+CONTRAST = 48.0  # the standard deviation of every patch's grey levels
 
 
 def photograph(name: str) -> Image.Image:
@@ -49,12 +52,18 @@ def cut_patches(image: Image.Image, split: str, count: int, rng: np.random.Gener
         x = int(rng.integers(0, image.width - side + 1))
         y = int(rng.integers(band_top, band_bottom - side + 1))
         patch = image.crop((x, y, x + side, y + side)).resize((PATCH, PATCH), Image.BICUBIC)
-        yield patch.convert("RGB")
+        yield Image.fromarray(same_mean_and_contrast(np.asarray(patch))).convert("RGB")
+
+
+def same_mean_and_contrast(pixels: np.ndarray) -> np.ndarray:
+    values = pixels.astype(np.float32)
+    values = (values - values.mean()) / max(values.std(), 1.0) * CONTRAST + 128
+    return np.clip(values + 0.5, 0, 255).astype(np.uint8)
 
 
 def build(root: Path) -> Path:
     """The ImageFolder trees under root/train and root/val (made once, then reused)."""
-    done = root / ".complete"
+    done = root / ".complete-v2"
     if done.exists():
         return root
     rng = np.random.default_rng(0)

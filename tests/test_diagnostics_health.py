@@ -6,8 +6,9 @@ import math
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dino_dist.data.demo import ensure_demo_dataset
 from dino_dist.observe.health import HealthMonitor, small_batch_warning
-from tests.conftest import run_train, tiny_overrides, write_image_folder
+from tests.conftest import REPO, run_train, tiny_overrides, write_image_folder
 
 LOG_K = math.log(256)
 
@@ -51,6 +52,36 @@ def test_dimensional_collapse_needs_low_entropy_and_few_prototypes():
     assert codes(small_batch, 10, figures(entropy_ratio=0.05, used=3, share=3 / 16)) == []
     assert codes(small_batch, 20, figures(entropy_ratio=0.05, used=2, share=2 / 16)) == \
         ["dimensional_collapse"]
+
+
+def test_near_collapse_is_few_prototypes_that_student_and_teacher_agree_on():
+    # The demo's recipe before its study, from its sixth epoch: a handful of 1,024 prototypes
+    # take the argmax of 128 teacher rows, and the student's argmax matches on most pairs.
+    monitor = HealthMonitor(1024, window=3, precision="fp32", settle_steps=40)
+    shortcut = figures(entropy_ratio=0.85, loss=6.0, used=5, share=5 / 128) | {"agreement": 0.85}
+    assert [codes(monitor, step, shortcut) for step in (20, 40, 60, 80)] == [[]] * 4
+    found = monitor.check(100, shortcut)  # the third logging step after the first epoch
+    assert [w.code for w in found] == ["near_collapse"]
+    assert "5 prototypes" in found[0].message and "85% of the crop pairs" in found[0].message
+    assert "model.out_dim" in found[0].message
+    assert codes(monitor, 120, shortcut) == []  # repeated only every few logging steps
+
+    # A run that learns shape: as few prototypes and a flat teacher, but the student still
+    # has to work out which prototype the teacher picks.
+    learning = HealthMonitor(1024, window=1, precision="fp32", settle_steps=40)
+    searching = figures(entropy_ratio=0.92, loss=6.3, used=4, share=4 / 128) | {"agreement": 0.3}
+    assert codes(learning, 100, searching) == []
+    many = figures(entropy_ratio=0.85, loss=6.0, used=13, share=13 / 128) | {"agreement": 0.9}
+    assert codes(learning, 120, many) == []
+    assert codes(learning, 140, figures(used=4, share=4 / 128)) == []  # no agreement figure
+
+
+def test_full_collapse_is_not_also_reported_as_near_collapse():
+    monitor = HealthMonitor(256, window=1, precision="fp32")
+    one_hot = figures(entropy_ratio=0.02, used=1, share=1 / 128)
+    assert codes(monitor, 10, one_hot) == ["dimensional_collapse"]
+    pinned = figures(entropy_ratio=0.99, loss=LOG_K * 1.001, used=3, share=3 / 128)
+    assert codes(monitor, 20, pinned) == ["uniform_collapse"]
 
 
 def test_gradient_explosion_against_the_recent_median():
@@ -111,3 +142,19 @@ def test_collapsing_run_warns_within_a_few_logging_steps_and_a_healthy_one_never
     records = read_metrics(healthy)
     assert len(records) == 8 and not any("warnings" in r for r in records)
     assert all(0.05 < r["entropy_ratio"] < 0.9 and r["prototypes_used"] > 2 for r in records)
+
+
+def test_the_demo_recipe_before_its_study_warns_of_near_collapse(tmp_path):
+    """The recipe and images the demo had before benchmarks/demo_sweep.py, as they were run:
+    from its second epoch a flat teacher on a handful of prototypes, k-NN far below the new
+    demo. Its first 240 steps of 600 must say so (the shipped demo must not: test_demo.py)."""
+    images = ensure_demo_dataset(version=2, progress=False)
+    run_dir = tmp_path / "before"
+    result = run_train([f"data.path={images / 'train'}", f"eval.train_path={images / 'train'}",
+                        f"eval.val_path={images / 'val'}", "train.max_steps=240",
+                        f"train.output_dir={run_dir}"],
+                       config=str(REPO / "tests" / "configs" / "demo_near_collapse.yaml"),
+                       timeout=900)
+    warned = {w for r in read_metrics(run_dir) for w in r.get("warnings", [])}
+    assert "near_collapse" in warned, read_metrics(run_dir)
+    assert "near collapse" in result.stdout

@@ -25,7 +25,8 @@ class StepReporter:
         self.stats = StepStatistics(cfg.model.out_dim, groups, engine.env.device)
         self.collecting = False
         self.monitor = HealthMonitor(cfg.model.out_dim, cfg.log.collapse_window,
-                                     cfg.train.precision)
+                                     cfg.train.precision,
+                                     settle_steps=engine.schedules.steps_per_epoch)
         warning = small_batch_warning(total_batch, cfg.optim.teacher_momentum, dataset_size)
         if warning is not None:
             LOG.warning("warning: %s", warning.message)
