@@ -45,6 +45,15 @@ VARIANTS: dict[str, tuple[Path, int, list[str]]] = {
     "one_polarity_out_dim_4096_25_epochs": (BEFORE, 3, ["model.out_dim=4096", "train.epochs=25"]),
     "one_polarity_out_dim_4096_25_epochs_free_last_layer": (
         BEFORE, 3, ["model.out_dim=4096", "train.epochs=25", "model.norm_last_layer=false"]),
+    "one_polarity_out_dim_4096_25_epochs_warmup5": (
+        BEFORE, 3, ["model.out_dim=4096", "train.epochs=25", "optim.warmup_epochs=5"]),
+    "one_polarity_out_dim_4096_25_epochs_batch128": (
+        BEFORE, 3, ["model.out_dim=4096", "train.epochs=25", "optim.batch_size_per_gpu=128"]),
+    "one_polarity_25_epochs_momentum_0.99": (
+        BEFORE, 3, ["train.epochs=25", "optim.teacher_momentum=0.99",
+                    "optim.teacher_momentum_end=0.998"]),
+    "demo_40_epochs": (DEMO, 3, ["train.epochs=40"]),
+    "demo_out_dim_16384": (DEMO, 3, ["model.out_dim=16384"]),
 }
 
 
