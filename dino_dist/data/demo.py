@@ -151,9 +151,8 @@ def render_image(rng: np.random.Generator, label: int,
     """One HxWx3 uint8 image of class `label`: a light shape on dark ground (version 2: or
     the reverse, drawn at random).
 
-    The two grey levels are the same for every image (only the polarity is drawn), so no
-    colour or brightness cue can tell one image from another: what two crops of an image
-    share is its shape. Self-supervision then has to learn shape, which is also what a
+    The two grey levels are the same for every image, so no colour cue tells one image from
+    another: what two crops of an image share is its shape. Self-supervision then has to learn shape, which is also what a
     randomly initialised network does not capture -- the gap k-NN measures.
     """
     _, mask, draw_angle = CLASSES[label]
