@@ -16,14 +16,14 @@ the health warnings of the run. Extra key=value arguments override the config.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from demo_sweep import read_run  # the same folder: one reader of a run's figures
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "brick",
@@ -90,17 +90,14 @@ def main() -> None:
     cmd = [sys.executable, "-m", "dino_dist.train", f"data.path={data / 'train'}",
            f"eval.train_path={data / 'train'}", f"eval.val_path={data / 'val'}",
            f"train.seed={args.seed}", f"train.output_dir={run_dir}", *args.overrides]
-    result = subprocess.run(cmd, cwd=REPO, env=dict(os.environ))
+    result = subprocess.run(cmd, cwd=REPO)
     if result.returncode != 0:
         sys.exit(result.returncode)
-    final = json.loads((run_dir / "training_summary.json").read_text())["final_metrics"]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    warnings = sorted({w for r in records for w in r.get("warnings", [])})
+    run = read_run(run_dir)
     print(f"real photos ({len(PHOTOS)} classes, {PER_CLASS['train']}/{PER_CLASS['val']} per "
-          f"class): k-NN top-1 {final['knn_top1']:.1f} % vs random init "
-          f"{final['knn_top1_random_init']:.1f} %; teacher entropy {final['entropy_ratio']:.2f} "
-          f"ln K, {final['prototypes_used']} prototypes in use; warnings: "
-          f"{', '.join(warnings) or 'none'}")
+          f"class): k-NN top-1 {run['knn']:.1f} % vs random init {run['random']:.1f} %; "
+          f"teacher entropy {run['h_end']:.2f} ln K, {run['proto_end']} prototypes in use; "
+          f"warnings: {run['warnings']}")
 
 
 if __name__ == "__main__":
