@@ -27,7 +27,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 # dino_dist.models keeps its own table (and imports torch, which config must not); a test
 # checks the two name the same archs.
-ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_mini", "resnet50")
+ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_mini", "resnet50")
 LR_SCHEDULES = ("cosine", "linear", "cosine_restarts", "polynomial", "constant_after_decay")
 # What a periodic evaluation reports: eval.best_metric and train.early_stopping.metric.
 EVAL_METRICS = ("knn_top1", "knn_top5", "val_loss")
@@ -90,6 +90,10 @@ class DataConfig:
     # Augment the crops of one size as one batch: ~2x the images/s per loader worker of one
     # transforms.v2 chain per crop (false), the same recipe, another random stream.
     batched_crops: bool = True
+    # Where the multi-crop augmentation runs: "cpu" in the loader processes, or "gpu" on the
+    # training device, batched over all images of a micro-batch (loader processes then only
+    # read and decode; on a CPU-only run "gpu" means the main process). Same recipe.
+    augment_on: str = choice("cpu", ("cpu", "gpu"))
     demo_dir: str = ""
 
 
@@ -113,6 +117,10 @@ class ModelConfig:
     norm_last_layer: bool = True
     head_hidden_dim: int = positive(2048)
     head_bottleneck_dim: int = positive(256)
+    # ViTs: run the student's global and local crops as one packed batch of sequences with
+    # block-diagonal attention (one pass through every layer) instead of one pass per crop
+    # resolution. Same outputs; which is faster depends on the device and the model.
+    packed_crops: bool = False
 
 
 def _check_crops_fit_patches(model: ModelConfig, data: DataConfig) -> None:

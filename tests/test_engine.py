@@ -127,18 +127,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_non_finite_steps_on_one_rank_are_skipped_then_stop_every_rank(tmp_path, image_folder):
+@pytest.mark.parametrize("read_every_step", [True, False], ids=["logged", "ordinary_steps"])
+def test_non_finite_steps_on_one_rank_are_skipped_then_stop_every_rank(tmp_path, image_folder,
+                                                                      read_every_step):
     """Rank 1's loss is NaN from step index 2 on: every rank skips those steps (weights
-    untouched) and the third in a row, past train.max_nonfinite_steps=2, stops all."""
+    untouched) and the third in a row, past train.max_nonfinite_steps=2, stops all. With
+    ordinary steps (no logging, no saving) the verdict is read a step late: same message."""
     script = tmp_path / "nan_run.py"
     script.write_text(NAN_ON_RANK_1)
     out = tmp_path / "run"
+    cadence = ({"checkpoint.every_steps": 1, "checkpoint.keep_last": 10} if read_every_step
+               else {"checkpoint.every_steps": 0, "log.every_steps": 100})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script),
            *tiny_overrides(image_folder, out, **{"optim.batch_size_per_gpu": 4,
-                                                 "checkpoint.every_steps": 1,
-                                                 "checkpoint.keep_last": 10,
-                                                 "train.max_nonfinite_steps": 2})]
+                                                 "train.max_nonfinite_steps": 2, **cadence})]
     result = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True,
                             text=True, timeout=180)  # a hung rank would hit this timeout
     assert result.returncode != 0
@@ -147,6 +150,10 @@ def test_non_finite_steps_on_one_rank_are_skipped_then_stop_every_rank(tmp_path,
     assert "non-finite loss (the last at step 4" in messages[0]
     assert "all ranks stopped" in messages[0] and "Traceback" not in result.stdout
     ckpts = out / "checkpoints"
+    if not read_every_step:  # only the epoch end saved (step 4: two skipped by then)
+        assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_00000004.pt"]
+        assert torch.load(ckpts / "step_00000004.pt", weights_only=True)["skipped_steps"] == 2
+        return
     assert not (ckpts / "step_00000005.pt").exists()
     good = torch.load(ckpts / "step_00000002.pt", weights_only=True)
     for skipped in ("step_00000003.pt", "step_00000004.pt"):
@@ -166,6 +173,33 @@ def test_fp16_step_with_overflowing_gradients_is_skipped_and_counted(tmp_path):
     assert result.skipped and engine.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, engine.trainable))
     assert engine.scaler.get_scale() < 2.0**126  # the scaler backed off
+
+
+def test_non_finite_steps_read_a_step_late_are_skipped_on_the_device(tmp_path):
+    """The loop's ordinary steps: the verdict stays on the device (weights, optimizer state,
+    teacher and center untouched); the count, and the stop past the limit, a step later."""
+    engine = make_engine(tiny_cfg(tmp_path))
+    engine.max_nonfinite_steps = 1
+    poisoned = [c * float("nan") for c in random_crops(4, 0)]
+    engine.micro_step(random_crops(4, 1), 0, 1.0, sync_grads=True)
+    assert engine.finish_step(0, epoch=1, read_now=False).skipped is None
+
+    def snapshot():
+        moments = [t for state in engine.optimizer.state.values() for t in state.values()]
+        return [t.clone() for t in [*engine.trainable, *engine.ema_teacher,
+                                    engine.loss_fn.center, *moments]]
+
+    before = snapshot()
+    engine.micro_step(poisoned, 1, 1.0, sync_grads=True)
+    result = engine.finish_step(1, epoch=1, read_now=False)
+    assert (result.loss, result.skipped, engine.skipped_steps) == (None, None, 0)
+    engine.micro_step(poisoned, 2, 1.0, sync_grads=True)
+    engine.finish_step(2, epoch=1, read_now=False)  # reads step 1: one skipped
+    assert engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    engine.micro_step(poisoned, 3, 1.0, sync_grads=True)
+    with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row .* at step 2,"):
+        engine.finish_step(3, epoch=1, read_now=False)
 
 
 def test_non_finite_steps_are_skipped_until_the_limit(tmp_path):

@@ -68,7 +68,8 @@ class StepRunner:
             engine.clock.mark("data")
             engine.micro_step(crops, schedule_step, 1.0 / self.accum_steps,
                               sync_grads=micro == self.accum_steps - 1, skipped_images=skipped)
-        engine.finish_step(schedule_step, self.epoch)
+        # As the training loop's ordinary steps: the step's figures are read a step later.
+        engine.finish_step(schedule_step, self.epoch, read_now=False)
         self.step += 1
 
 

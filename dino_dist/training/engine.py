@@ -28,6 +28,7 @@ from dino_dist.distributed.env import DistEnv
 from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.errors import NonFiniteLossError
 from dino_dist.training.loss import DINOLoss
+from dino_dist.training.readback import HostReadback
 from dino_dist.training.schedules import Schedules
 
 
@@ -46,11 +47,14 @@ class _IdleClock:
 
 @dataclass
 class StepResult:
-    loss: float
+    """A step's outcome. `loss` and `skipped` are None unless the step was read at once
+    (finish_step's `read_now`); `stop` holds the stop votes read in this call (this step's
+    when read at once, else the previous step's): every rank reads the same."""
+    loss: float | None
     grad_norm: torch.Tensor  # stays on device; read it only on logging steps
-    skipped: bool  # not applied: non-finite loss or gradients (fp16: the GradScaler's verdict)
+    skipped: bool | None  # not applied: non-finite loss or gradients (fp16: the GradScaler's verdict)
     images: int  # images in this optimizer step, all ranks together
-    stop: bool = False  # some rank asked to stop (see dino_dist.distributed.stop): every rank sees it
+    stop: bool = False  # some rank asked to stop (see dino_dist.distributed.stop)
 
 
 class DinoEngine:
@@ -81,6 +85,9 @@ class DinoEngine:
         self.max_nonfinite_steps = max_nonfinite_steps
         self.skipped_images = 0  # unreadable images replaced by the data pipeline, all ranks
         self.clock = clock or _IdleClock()  # `mark(phase)` at each phase's end
+        self.readback = HostReadback(env.device)  # a step's figures, read a step later
+        self._posted_at = (0, 0)  # (schedule step, epoch) of the figures in `readback`
+        self._stop_seen = False  # a stop vote read but not yet returned by finish_step
         self._reset_pending()
 
     WEIGHT_KEYS = ("student", "teacher", "optimizer")
@@ -88,6 +95,7 @@ class DinoEngine:
     def state_dict(self, weights: bool = True) -> dict:
         """Scaler, center and counters; with `weights`, the student, teacher and optimizer
         too (whole tensors, for single-file checkpoints)."""
+        self.settle()  # the counters of a step still in flight belong in the checkpoint
         state = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
                  "optimizer": self.optimizer.state_dict()} if weights else {}
         return {**state, "scaler": self.scaler.state_dict(), "loss": self.loss_fn.state_dict(),
@@ -174,49 +182,117 @@ class DinoEngine:
                             self.loss_fn.student_temp, self.n_global_crops)
 
     def finish_step(self, step: int, epoch: int, stop_requested: bool = False,
-                    stats=None) -> StepResult:
+                    stats=None, read_now: bool = True) -> StepResult:
         """Reduce the step's statistics across ranks, move the center, update student and teacher.
 
         `stop_requested` (this rank's flag) rides in the same reduction, so the answer in
-        StepResult.stop is the same on every rank.
+        StepResult.stop is the same on every rank. Whether the step is applied (finite loss
+        and gradients) is decided on the device. Without `read_now` the step's figures
+        (loss, verdict, votes) reach the host at the next step: the host does not wait for
+        the device, and this step's skip and stop show up one step later.
         """
-        host_values = torch.tensor([self.pending_count, self.pending_skipped_images,
-                                    float(stop_requested)],
-                                   dtype=torch.float32, device=self.env.device)
-        parts = (self.pending_teacher_sum, self.pending_loss, host_values)
+        self.settle()  # the previous step's figures, copied long ago
+        reduced = self._reduce(stop_requested, stats)
+        teacher_sum, figures = reduced[:-5], reduced[-5:]
+        self.clock.mark("communication")
+        # Every rank holds the same number of micro-batches of the same size (drop_last).
+        images = self.pending_count * self.env.world_size // self.n_global_crops
+        self._reset_pending()
+        step = self.schedules.index(step)
+        if self.scaler.is_enabled():
+            grad_norm, applied = self._apply_with_scaler(step, epoch, teacher_sum, figures, stats)
+        else:
+            grad_norm, applied = self._apply_on_device(step, epoch, teacher_sum, figures, stats)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clock.mark("optimizer")
+        self.readback.post(torch.cat((figures, applied.float().view(1))))
+        self._posted_at = (step, epoch)
+        loss, skipped = (self._settle(self.readback.take()) if read_now else (None, None))
+        stop, self._stop_seen = self._stop_seen, False
+        return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, images=images,
+                          stop=stop)
+
+    def settle(self) -> None:
+        """Read a step's figures still in flight (before saving, and when training ends);
+        a stop vote found here is returned by the next finish_step."""
+        figures = self.readback.take()
+        if figures is not None:
+            self._settle(figures)
+
+    def _settle(self, figures: list[float]) -> tuple[float, bool]:
+        """Count a step's skip and unreadable images, note its stop votes, check the streak."""
+        loss_sum, non_finite, _count, skipped_images, stop_votes, applied = figures
+        self.skipped_images += int(skipped_images)
+        self._stop_seen = self._stop_seen or stop_votes > 0
+        step, epoch = self._posted_at
+        self._count_bad_step(applied == 0, step, epoch, non_finite > 0)
+        return loss_sum / self.env.world_size, applied == 0
+
+    def _reduce(self, stop_requested: bool, stats) -> torch.Tensor:
+        """The step's one all-reduce: [statistics |] teacher sum | loss, non-finite flag |
+        count, unreadable images, stop votes. Host numbers travel through pinned memory
+        without blocking (a plain host-to-device copy waits for the device)."""
+        host = torch.tensor([self.pending_count, self.pending_skipped_images,
+                             float(stop_requested)], dtype=torch.float32)
+        if self.env.device.type == "cuda":
+            host = host.pin_memory()
+        parts = (self.pending_teacher_sum, self.pending_loss,
+                 host.to(self.env.device, non_blocking=True))
         if stats is not None:  # the statistics join the step's one reduction
             parts = (stats.reduction_part(), *parts)
         reduced = all_reduce_sum_(torch.cat(parts))
-        if stats is not None:
-            reduced = stats.take_reduced(reduced)
-        teacher_sum = reduced[:-5]
-        loss_sum, non_finite, count, skipped_images, stop_votes = reduced[-5:].tolist()
-        self.clock.mark("communication")
-        self.skipped_images += int(skipped_images)
-        self._reset_pending()
-        step = self.schedules.index(step)
-        images = int(count) // self.n_global_crops
+        return stats.take_reduced(reduced) if stats is not None else reduced
+
+    def _apply_on_device(self, step: int, epoch: int, teacher_sum: torch.Tensor,
+                         figures: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Center, optimizer and teacher updates, each gated by the device-side verdict."""
+        grad_norm = self._unscale_and_clip(epoch, stats)
+        # Gradients are identical on all ranks after DDP's all-reduce (a sharded norm is
+        # all-reduced), so every rank reaches the same verdict without another collective.
+        applied = (figures[1] == 0) & torch.isfinite(grad_norm)
+        self.clock.mark("clip")
+        self.loss_fn.update_center(teacher_sum, figures[2], applied)
+        self.clock.mark("loss")
+        self._apply_schedule(step)
+        self._optimizer_step_if(applied)
+        self.clock.mark("optimizer")
+        self._update_teacher(float(self.schedules.momentum[step]), applied)
+        self.clock.mark("ema")
+        return grad_norm, applied
+
+    def _apply_with_scaler(self, step: int, epoch: int, teacher_sum: torch.Tensor,
+                           figures: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16: the GradScaler skips steps with inf/NaN gradients and tells the host (by
+        lowering its scale), so this path reads the device every step."""
         grad_norm = torch.full((), float("nan"), device=self.env.device)
-        applied = non_finite == 0
+        applied = float(figures[1]) == 0
         if applied:
             grad_norm = self._unscale_and_clip(epoch, stats)
-            # Gradients are identical on all ranks after DDP's all-reduce, so every rank
-            # reaches the same verdict here without another collective.
-            applied = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
             self.clock.mark("clip")
-        if applied:
-            self.loss_fn.update_center(teacher_sum, count)
+            self.loss_fn.update_center(teacher_sum, figures[2])
             self.clock.mark("loss")
             self._apply_schedule(step)
-            applied = self._optimizer_step()
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = self.scaler.get_scale() >= scale_before
             self.clock.mark("optimizer")
             self._update_teacher(float(self.schedules.momentum[step]))
             self.clock.mark("ema")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.clock.mark("optimizer")
-        self._count_bad_step(not applied, step, epoch, non_finite > 0)
-        return StepResult(loss=loss_sum / self.env.world_size, grad_norm=grad_norm,
-                          skipped=not applied, images=images, stop=stop_votes > 0)
+        return grad_norm, torch.tensor(applied, device=self.env.device)
+
+    def _optimizer_step_if(self, applied: torch.Tensor) -> None:
+        """A fused optimizer skips on the device when handed `found_inf`, as under a
+        GradScaler (parameters, moments and step counts untouched); others need the host."""
+        if not self.optimizer.defaults.get("fused"):
+            if bool(applied):
+                self.optimizer.step()
+            return
+        self.optimizer.found_inf = (~applied).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
 
     def _unscale_and_clip(self, epoch: int, stats) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
@@ -225,13 +301,6 @@ class DinoEngine:
             for p in self.last_layer_params:
                 p.grad = None
         return grad_norm
-
-    def _optimizer_step(self) -> bool:
-        """Step (through the GradScaler); False when fp16 found inf/NaN gradients and skipped."""
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return not (self.scaler.is_enabled() and self.scaler.get_scale() < scale_before)
 
     def _count_bad_step(self, bad: bool, step: int, epoch: int, loss_non_finite: bool) -> None:
         """Skipped steps are counted; too many in a row stop every rank (they all count alike)."""
@@ -290,9 +359,15 @@ class DinoEngine:
         return total_norm
 
     @torch.no_grad()
-    def _update_teacher(self, momentum: float) -> None:
+    def _update_teacher(self, momentum: float, applied: torch.Tensor | None = None) -> None:
         # Sharded models are sharded alike, so the EMA runs shard by shard with no gather.
         # The shards are looked up each time: FSDP may re-point them (e.g. at its lazy init).
         teacher, student = local_tensors(self.ema_teacher), local_tensors(self.ema_student)
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        if applied is None:
+            torch._foreach_mul_(teacher, momentum)
+            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+            return
+        # A skipped step keeps the teacher: momentum 1, decided on the device.
+        kept = torch.where(applied, momentum, 1.0)
+        torch._foreach_mul_(teacher, kept)
+        torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - kept))

@@ -78,6 +78,11 @@ def is_logging_step(cfg: Config, step: int, last_step: int) -> bool:
     return step % cfg.log.every_steps == 0 or step == last_step
 
 
+def saves_at(cfg: Config, step: int) -> bool:
+    """A checkpoint every `checkpoint.every_steps` steps (epoch ends save anyway)."""
+    return bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+
+
 def planned_steps(cfg: Config, schedules, pos: Position) -> int:
     """The step number training will end at, from where it stands now (for progress and ETA)."""
     end = pos.step + max(schedules.total_steps - pos.schedule_step, 0)
@@ -104,29 +109,32 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
         while micro_left > 0 and not training_done(cfg, pos):
             group = min(accum, micro_left)
             micro_left -= group
-            stats = reporter.statistics_for(is_logging_step(cfg, pos.step + 1, last_step))
+            logging_step = is_logging_step(cfg, pos.step + 1, last_step)
+            stats = reporter.statistics_for(logging_step)
             for j in range(group):
                 wait_start = time.perf_counter()
                 crops, _labels, skipped = next(batches)
                 meter.add_wait(time.perf_counter() - wait_start)
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
                                   sync_grads=j == group - 1, skipped_images=skipped, stats=stats)
+            # Ordinary steps leave their figures on the device until the next step; steps
+            # that log or save read them at once.
+            saving = micro_left == 0 or saves_at(cfg, pos.step + 1)
             result = engine.finish_step(pos.schedule_step, pos.epoch, STOP_REQUEST.requested,
-                                        stats)
+                                        stats, read_now=logging_step or saving)
             if step_pause:
                 time.sleep(step_pause)
             pos = pos.after_step(result.images)
             meter.add_images(result.images)
             images += result.images
-            if is_logging_step(cfg, pos.step, last_step) or result.stop:
+            if logging_step:
                 _log_step(engine, metrics, meter, result, pos, last_step, start.step, run_start,
                           reporter)
             if result.stop:
                 save(pos)
                 return LoopEnd(pos, STOP_REQUEST.reason or "another rank was asked to stop",
                                images=images)
-            if cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
-                    and micro_left > 0:
+            if saves_at(cfg, pos.step) and micro_left > 0:
                 save(pos)
         if micro_left == 0:
             pos = pos.next_epoch(engine.schedules.steps_per_epoch)

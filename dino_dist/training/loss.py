@@ -44,7 +44,12 @@ class DINOLoss(nn.Module):
         return (same_crop - all_pairs) / (batch * pairs)
 
     @torch.no_grad()
-    def update_center(self, global_sum: torch.Tensor, global_count: float) -> None:
-        """Fold the all-reduced sum of teacher outputs of one optimizer step into the EMA."""
+    def update_center(self, global_sum: torch.Tensor, global_count: float | torch.Tensor,
+                      applied: torch.Tensor | None = None) -> None:
+        """Fold the all-reduced sum of teacher outputs of one optimizer step into the EMA.
+
+        `applied` (a device bool) leaves the center as it was when false: a skipped step
+        decides on the device, so the host never waits for the verdict."""
         batch_center = (global_sum / global_count).view_as(self.center)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        moved = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(moved if applied is None else torch.where(applied, moved, self.center))
