@@ -33,8 +33,9 @@ from dino_dist.models import param_groups_for_weight_decay  # noqa: E402
 from dino_dist.models.vit import Attention  # noqa: E402
 
 
-def manual_attention(self: Attention, x: torch.Tensor) -> torch.Tensor:
-    """The reference ViT's attention: explicit scores, softmax, weighted sum."""
+def manual_attention(self: Attention, x: torch.Tensor, crop_starts: None = None) -> torch.Tensor:
+    """The reference ViT's attention: explicit scores, softmax, weighted sum (one crop
+    resolution per call, as the reference runs: `crop_starts` is never set here)."""
     batch, tokens, dim = x.shape
     qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)

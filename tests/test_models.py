@@ -152,11 +152,22 @@ def shapes_of(module):
 # ---------------------------------------------------------------------------
 # ViT
 # ---------------------------------------------------------------------------
-def test_vit_small_state_dict_matches_official_layout():
+@pytest.mark.parametrize("arch", sorted(VIT_ARCHS))
+def test_vit_state_dict_matches_official_layout(arch):
+    dim, depth, _ = VIT_ARCHS[arch]
     with torch.device("meta"):  # shapes only, no need to allocate or initialise
-        model = build_backbone("vit_small", patch_size=16)
-    assert shapes_of(model) == official_vit_keys(384, 12, 16, 196)
-    assert model.embed_dim == 384
+        model = build_backbone(arch, patch_size=16)
+    assert shapes_of(model) == official_vit_keys(dim, depth, 16, 196)
+    assert model.embed_dim == dim
+
+
+def test_vit_large_is_vit_l_16():
+    with torch.device("meta"):
+        model = build_backbone("vit_large", patch_size=16)
+    assert VIT_ARCHS["vit_large"] == (1024, 24, 16)
+    assert model.blocks[0].attn.num_heads == 16
+    # ViT-L/16 without a classifier: what timm's vit_large_patch16_224(num_classes=0) holds
+    assert sum(p.numel() for p in model.parameters()) == 303_301_632
 
 
 def test_vit_patch8_pos_embed_shape():
@@ -394,7 +405,8 @@ def test_resnet50_backbone_features():
 
 
 def test_arch_names_and_builder():
-    assert set(ARCH_NAMES) == {"vit_tiny", "vit_small", "vit_base", "vit_mini", "resnet50"}
+    assert set(ARCH_NAMES) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_mini",
+                               "resnet50"}
     model = build_model("vit_mini", 8, 0.1, 30, head_hidden_dim=32, head_bottleneck_dim=16)
     assert isinstance(model, MultiCropWrapper)
     assert model.backbone.embed_dim == 128

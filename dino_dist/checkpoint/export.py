@@ -35,6 +35,9 @@ TIMM_MODELS: dict[tuple[str, int], str] = {
     ("vit_base", 16): "vit_base_patch16_224",
     ("vit_base", 8): "vit_base_patch8_224",
     ("vit_base", 32): "vit_base_patch32_224",
+    ("vit_large", 14): "vit_large_patch14_224",
+    ("vit_large", 16): "vit_large_patch16_224",
+    ("vit_large", 32): "vit_large_patch32_224",
 }
 TIMM_IMG_SIZE = 224  # what every name above is built for
 # vit_mini (our demo size) has no timm name: timm builds it from this one, sizes overridden.

@@ -6,12 +6,14 @@ from dino_dist.models.multicrop import MultiCropWrapper
 from dino_dist.models.resnet import resnet50_backbone
 from dino_dist.models.vit import VisionTransformer
 
-# name -> (embed_dim, depth, num_heads). The first three are the paper's sizes;
-# vit_mini is not from the paper, it is a small size for demos and tests.
+# name -> (embed_dim, depth, num_heads). The first three are the paper's sizes; vit_large is
+# ViT-L as timm and DINOv2 size it (the DINO release stops at ViT-B, its key layout does not
+# change with size); vit_mini is not from the paper, it is a small size for demos and tests.
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
     "vit_mini": (128, 4, 4),
 }
 RESNET_ARCHS = ("resnet50",)
@@ -34,7 +36,8 @@ def build_backbone(
 def build_model(arch: str, patch_size: int, drop_path_rate: float, out_dim: int,
                 use_bn_in_head: bool = False, norm_last_layer: bool = True,
                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256,
-                img_size: int = 224) -> MultiCropWrapper:
+                img_size: int = 224, packed_crops: bool = False) -> MultiCropWrapper:
+    """`packed_crops`: run two crop resolutions in one packed pass (ViT archs only)."""
     backbone = build_backbone(arch, patch_size=patch_size, drop_path_rate=drop_path_rate,
                               img_size=img_size)
     head = DINOHead(
@@ -45,7 +48,7 @@ def build_model(arch: str, patch_size: int, drop_path_rate: float, out_dim: int,
         hidden_dim=head_hidden_dim,
         bottleneck_dim=head_bottleneck_dim,
     )
-    return MultiCropWrapper(backbone, head)
+    return MultiCropWrapper(backbone, head, packed_crops=packed_crops)
 
 
 def last_layer_parameters(model: MultiCropWrapper) -> list[nn.Parameter]:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dino_dist.models.packing import PackedLayout
+
 LAYER_NORM_EPS = 1e-6
 INIT_STD = 0.02
 
@@ -27,6 +29,19 @@ def _keep_samples(x: torch.Tensor, keep_prob: float | torch.Tensor) -> torch.Ten
     return x.div(keep_prob) * keep_mask
 
 
+def _keep_crops(x: torch.Tensor, keep_prob: float | torch.Tensor,
+                crop_starts: torch.Tensor) -> torch.Tensor:
+    """`_keep_samples` for packed rows [rows, tokens, dim], where a sample is one crop.
+
+    One draw per token position, of which each token reads the one at its crop's first token
+    (`crop_starts`, see models.packing): every crop is kept or dropped whole, independently,
+    with the keep rate of the unpacked path, and the shapes stay static (no crop count).
+    """
+    draws = torch.rand(x.shape[:2], dtype=x.dtype, device=x.device)
+    keep_mask = torch.floor(keep_prob + draws[:, crop_starts]).unsqueeze(-1)
+    return x.div(keep_prob) * keep_mask
+
+
 class DropPath(nn.Module):
     """Stochastic depth; nothing of it shows up in a state_dict."""
 
@@ -40,10 +55,13 @@ class DropPath(nn.Module):
         self.active = self.drop_prob > 0.0
         self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """`crop_starts`: given for packed rows (several crops per row), see `_keep_crops`."""
         if not (self.active and self.training):
             return x
-        return _keep_samples(x, self.keep_prob)
+        if crop_starts is None:
+            return _keep_samples(x, self.keep_prob)
+        return _keep_crops(x, self.keep_prob, crop_starts)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.4f}"
@@ -75,11 +93,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """`crop_starts` (packed rows): a token attends only to the tokens of its own crop."""
         batch, tokens, dim = x.shape
         q, k, v = self._qkv(x)
+        # One [tokens, tokens] mask serves every row and head: all packed rows share a layout.
+        same_crop = None if crop_starts is None else crop_starts[:, None] == crop_starts[None, :]
         # SDPA's default scale is head_dim**-0.5, the same as the official code.
-        attended = F.scaled_dot_product_attention(q, k, v)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=same_crop)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
     def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +125,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, return_cls_attention: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_cls_attention: bool = False,
+                crop_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """`crop_starts` [tokens]: set when each row of `x` packs several crops (models.packing):
+        attention stays within a crop and stochastic depth drops whole crops. A tensor, not a
+        layout object, so FSDP2, activation checkpointing and compile pass it through as is."""
         # The attention comes out of forward (not a method of its own) so that a sharded
         # (FSDP2) block gathers its parameters for it, as the official return_attention does.
         if return_cls_attention:
             return self.attn.cls_attention(self.norm1(x))
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), crop_starts), crop_starts)
+        return x + self.drop_path(self.mlp(self.norm2(x)), crop_starts)
 
 
 class PatchEmbed(nn.Module):
@@ -212,6 +237,23 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)[:, 0]
+
+    def forward_packed(self, global_images: torch.Tensor, local_images: torch.Tensor) -> torch.Tensor:
+        """`torch.cat((forward(global_images), forward(local_images)))` with one pass through
+        the blocks instead of two.
+
+        Needs a whole number of local images per global image (models.packing); patch and
+        position embeddings run per resolution, the blocks once over the packed rows.
+        """
+        global_tokens = self.prepare_tokens(global_images)
+        local_tokens = self.prepare_tokens(local_images)
+        layout = PackedLayout.of(global_tokens, local_tokens)
+        tokens = layout.pack(global_tokens, local_tokens)
+        crop_starts = layout.crop_starts(tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, crop_starts=crop_starts)
+        # The norm works per token: normalising only the CLS tokens gives the same values.
+        return self.norm(layout.cls_tokens(tokens))
 
     def get_last_cls_attention(self, images: torch.Tensor) -> torch.Tensor:
         """The last block's attention of the CLS query: [B, heads, 1 + patches], each row a

@@ -5,6 +5,7 @@ training builds.
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ from dino_dist.data import build_train_loader
 from dino_dist.distributed.env import DistEnv, configure_cpu_threads
 from dino_dist.training.engine import DinoEngine
 from dino_dist.training.loss import DINOLoss
-from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
+from dino_dist.models import (VIT_ARCHS, build_model, last_layer_parameters,
+                               param_groups_for_weight_decay)
+from dino_dist.models.packing import packs_evenly
 from dino_dist.distributed.parallel import prepare_models
 from dino_dist.training.schedules import build_schedules, micro_batches_per_epoch, steps_per_epoch
+
+LOG = logging.getLogger("dino_dist")
 
 
 def seed_everything(seed: int) -> None:
@@ -28,13 +33,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def student_packs_crops(cfg: Config) -> bool:
+    """model.packed_crops, checked against the arch and the crop counts."""
+    if not cfg.model.packed_crops:
+        return False
+    if cfg.model.arch not in VIT_ARCHS:
+        raise ConfigError(f"model.packed_crops=true needs a ViT arch, not model.arch="
+                          f"{cfg.model.arch}: set model.packed_crops=false")
+    n_global, n_local = cfg.data.global_crops_number, cfg.data.local_crops_number
+    if n_local and not packs_evenly(n_global, n_local):
+        LOG.warning("model.packed_crops: %d local crops do not split evenly over %d global "
+                    "crops, so the student runs per crop resolution (unpacked)", n_local, n_global)
+    return True
+
+
 def build_student_teacher(cfg: Config) -> tuple[nn.Module, nn.Module]:
-    """Student and teacher start identical; the teacher has no stochastic depth."""
+    """Student and teacher start identical; the teacher has no stochastic depth and sees
+    one resolution (the global crops), so it never packs."""
     m = cfg.model
     common = dict(arch=m.arch, patch_size=m.patch_size, img_size=m.img_size, out_dim=m.out_dim,
                   use_bn_in_head=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
                   head_hidden_dim=m.head_hidden_dim, head_bottleneck_dim=m.head_bottleneck_dim)
-    student = build_model(drop_path_rate=m.drop_path_rate, **common)
+    student = build_model(drop_path_rate=m.drop_path_rate, packed_crops=student_packs_crops(cfg),
+                          **common)
     teacher = build_model(drop_path_rate=0.0, **common)
     teacher.load_state_dict(student.state_dict())
     return student, teacher
