@@ -2,7 +2,9 @@
 
 Prints one JSON object: milliseconds per image for decoding and each step of the project's
 pipeline (cut, colour jitter, grayscale, blur, solarize, whole call) and for the reference
-pipeline, measured on the benchmark JPEGs at the paper's crop settings.
+pipeline, measured on the benchmark JPEGs at the paper's crop settings; and for
+data.augment_on=gpu, the loader's parameter drawing and the device path run here on the CPU
+(one batch of all the images).
 
     python benchmarks/data_profile.py [--images DIR] [--count 32]
 """
@@ -23,6 +25,8 @@ from dino_dist.bench.images import ensure_bench_images  # noqa: E402
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop, pil_loader  # noqa: E402
 from dino_dist.data import crop_group  # noqa: E402
 from dino_dist.data.augment import MultiCropAugmentation  # noqa: E402
+from dino_dist.data.crop_params import CropParamSampler, CropRecipe  # noqa: E402
+from dino_dist.data.device_augment import augment_batch, collate_decoded  # noqa: E402
 from dino_dist.data.folder import decode_rgb, find_images  # noqa: E402
 
 STEPS = ("colour_jitter", "random_grayscale", "random_blur", "random_solarize")
@@ -35,6 +39,18 @@ def timing(spent: dict, name: str, fn):
         spent[name] = spent.get(name, 0.0) + time.perf_counter() - began
         return result
     return timed_call
+
+
+def gpu_path_seconds(files: list[str], count: int) -> dict[str, float]:
+    """augment_on=gpu: the loader's draws per image, then the whole batch's device path."""
+    recipe = CropRecipe(2, 224, (0.4, 1.0), 10, 96, (0.05, 0.4))
+    sampler = CropParamSampler(recipe)
+    images = [decode_rgb(files[index % len(files)]) for index in range(count)]
+    began = time.perf_counter()
+    samples = [(sampler(image), 0, 0) for image in images]
+    drawn = time.perf_counter()
+    augment_batch(collate_decoded(samples, recipe)[0])
+    return {"gpu_path_draw_params": drawn - began, "gpu_path_device_on_cpu": time.perf_counter() - drawn}
 
 
 def main() -> int:
@@ -60,6 +76,7 @@ def main() -> int:
         torch.manual_seed(index)
         ours(files[index % len(files)])
         theirs(files[index % len(files)])
+    spent.update(gpu_path_seconds(files, args.count))
     print(json.dumps({"ms_per_image": {k: round(v / args.count * 1e3, 2) for k, v in spent.items()},
                       "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
     return 0

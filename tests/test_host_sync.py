@@ -14,6 +14,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, free_port, subprocess_env, tiny_overrides
 
 COUNT_SYNCS = r"""
@@ -96,9 +98,11 @@ def run_counted(tmp_path, image_folder, **overrides) -> dict:
     return json.loads(line[len("SYNCS "):])
 
 
-def test_ordinary_steps_make_no_host_synchronisation(tmp_path, image_folder):
+@pytest.mark.parametrize("paths", [{}, {"data.augment_on": "gpu", "model.packed_crops": True}],
+                         ids=["default", "augment_on_device_packed"])
+def test_ordinary_steps_make_no_host_synchronisation(tmp_path, image_folder, paths):
     # 32 images, 2 ranks x 4: 4 steps an epoch, 8 in all; steps 4 and 8 log and save.
-    found = run_counted(tmp_path, image_folder)
+    found = run_counted(tmp_path, image_folder, **paths)
     assert (found["steps"]["ordinary"], found["steps"]["read"]) == (6, 2), found["steps"]
     assert found["syncs"]["ordinary"] == [], found["syncs"]["ordinary"]
     assert found["syncs"]["read"], "the counters saw nothing: the instrumentation is broken"

@@ -2,7 +2,9 @@
 
 Both pipelines decode the same JPEG files and cut the same crop counts and sizes; each runs
 on one thread, as inside a DataLoader worker. They alternate in rounds so that a machine
-busy with something else slows both alike, and the ratio stays meaningful.
+busy with something else slows both alike, and the ratio stays meaningful. With
+data.augment_on=gpu, ours is what a worker then does: decode and draw the crops' parameters
+(the crops themselves are made on the training device, not measured here).
 """
 from __future__ import annotations
 
@@ -15,13 +17,13 @@ import torch
 
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop, pil_loader
 from dino_dist.config import ConfigError
-from dino_dist.data.augment import MultiCropAugmentation
 from dino_dist.data.folder import MultiCropDataset, find_images
+from dino_dist.data.loader import loader_transform
 
 
 def project_sampler(data_cfg: Any, root: Path) -> Callable[[int], list]:
-    dataset = MultiCropDataset(root, MultiCropAugmentation.from_config(data_cfg), seed=0)
-    # The real path: decode, per-sample RNG seeding, every crop.
+    dataset = MultiCropDataset(root, loader_transform(data_cfg), seed=0)
+    # The real path: decode, per-sample RNG seeding, every crop (or its parameters).
     return lambda index: dataset[(0, index % len(dataset))][0]
 
 
@@ -70,6 +72,7 @@ def run_data_benchmark(data_cfg: Any, root: Path, images_per_round: int = 16,
     rates = {name: images / max(spent, 1e-9) for name, spent in seconds.items()}
     return {
         "mode": "data_only",
+        "augment_on": getattr(data_cfg, "augment_on", "cpu"),
         "images": str(root),
         "crops": {"global": [data_cfg.global_crops_number, data_cfg.global_crop_size],
                   "local": [data_cfg.local_crops_number, data_cfg.local_crop_size]},

@@ -1,24 +1,30 @@
-"""Data: multi-crop augmentation, image folders, the demo dataset and the train loader."""
+"""Data: multi-crop augmentation (in the loader or on the device), image folders, the demo
+dataset and the train loader."""
 
 from .augment import MultiCropAugmentation, eval_transform, sample_seed
 from .demo import default_demo_dir, ensure_demo_dataset
+from .device_augment import DecodedBatch, crops_on_device
 from .folder import DataError, LabelledImageDataset, MultiCropDataset, find_images
-from .loader import build_train_loader, collate_multicrop, demo_val_root, resolve_data_root
+from .loader import (build_train_loader, collate_multicrop, demo_val_root, loader_transform,
+                     resolve_data_root)
 from .sampler import ShardedEpochSampler
 
 __all__ = [
     "DataError",
+    "DecodedBatch",
     "LabelledImageDataset",
     "MultiCropAugmentation",
     "MultiCropDataset",
     "ShardedEpochSampler",
     "build_train_loader",
     "collate_multicrop",
+    "crops_on_device",
     "default_demo_dir",
     "demo_val_root",
     "ensure_demo_dataset",
     "eval_transform",
     "find_images",
+    "loader_transform",
     "resolve_data_root",
     "sample_seed",
 ]

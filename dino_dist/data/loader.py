@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .augment import MultiCropAugmentation
+from .crop_params import CropParamSampler, CropRecipe
 from .demo import ensure_demo_dataset
+from .device_augment import collate_decoded
 from .folder import DataError, MultiCropDataset, find_images
 from .sampler import ShardedEpochSampler
 
@@ -44,6 +48,25 @@ def collate_multicrop(
     return crops, torch.tensor(labels, dtype=torch.long), sum(skipped)
 
 
+def augments_on_device(cfg: Any) -> bool:
+    # Configs built by hand (tests, scripts) may predate the key: they mean the CPU path.
+    return getattr(cfg, "augment_on", "cpu") == "gpu"
+
+
+def loader_transform(cfg: Any) -> Callable[[torch.Tensor], Any]:
+    """What a loader process does to each decoded image: all crops (cpu), or only draw
+    their parameters, the crops being made on the training device (gpu)."""
+    if augments_on_device(cfg):
+        return CropParamSampler.from_config(cfg)
+    return MultiCropAugmentation.from_config(cfg)
+
+
+def loader_collate(cfg: Any) -> Callable[[list], tuple[Any, torch.Tensor, int]]:
+    if augments_on_device(cfg):
+        return functools.partial(collate_decoded, recipe=CropRecipe.from_config(cfg))
+    return collate_multicrop
+
+
 def _check_loader_settings(cfg: Any, batch_size: int) -> None:
     if batch_size < 1:
         raise DataError(f"batch size per rank is {batch_size}: set it to at least 1")
@@ -56,9 +79,13 @@ def _check_loader_settings(cfg: Any, batch_size: int) -> None:
 def build_train_loader(
     cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, pin_memory: bool = False,
 ) -> tuple[DataLoader, ShardedEpochSampler, MultiCropDataset]:
-    """DataLoader yielding (crops, labels, skipped) batches of `batch_size` for this rank."""
+    """DataLoader yielding (crops, labels, skipped) batches of `batch_size` for this rank.
+
+    crops: a list of [B, C, H, W] tensors (augment_on=cpu), or a DecodedBatch that
+    crops_on_device turns into that list on the training device (augment_on=gpu).
+    """
     _check_loader_settings(cfg, batch_size)
-    dataset = MultiCropDataset(resolve_data_root(cfg), MultiCropAugmentation.from_config(cfg), seed)
+    dataset = MultiCropDataset(resolve_data_root(cfg), loader_transform(cfg), seed)
     sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
     if sampler.samples_per_rank < batch_size:
         raise DataError(
@@ -72,7 +99,7 @@ def build_train_loader(
         sampler=sampler,
         drop_last=True,
         num_workers=workers,
-        collate_fn=collate_multicrop,
+        collate_fn=loader_collate(cfg),
         pin_memory=pin_memory,
         # Workers hold no per-epoch state (the epoch travels in each key), so keeping
         # them alive across epochs is safe and saves their start-up cost.

@@ -178,6 +178,8 @@ class PeriodicEvaluation:
         evaluation, the current center and teacher temperature; sharded over the ranks."""
         d = self.cfg.data
         if self._val_set is None:
+            # The CPU augmentation whatever data.augment_on says: the same recipe, and these
+            # few batches are not worth a device-side path of their own.
             self._val_set = MultiCropDataset(self.val_loss_dir, MultiCropAugmentation.from_config(d),
                                              self.cfg.train.seed)
         batches, stand_ins = rank_batches(len(self._val_set), self.env, self.cfg.eval.batch_size)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dino_dist.data import crops_on_device
 from dino_dist.distributed.collectives import all_reduce_sum_
 from dino_dist.distributed.env import DistEnv
 from dino_dist.distributed.parallel import release_gathered_parameters
@@ -154,7 +155,7 @@ class DinoEngine:
         `stats` (an observe.diagnostics.StepStatistics) is given on logging steps only:
         ordinary steps compute no statistics and send nothing extra."""
         device = self.env.device
-        crops = [c.to(device, non_blocking=True) for c in crops]
+        crops = crops_on_device(crops, device)  # data.augment_on=gpu: the crops are made here
         self.clock.mark("data")
         teacher_temp = self.schedules.teacher_temp_at(step)
         with self._gradient_sync(sync_grads):
