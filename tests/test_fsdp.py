@@ -87,6 +87,26 @@ def test_fsdp_checkpoint_resumes_at_two_ranks_and_at_one(fsdp_run, dataset, tmp_
     assert state_at(tmp_path / "one", STEPS)["world_size"] == 1
 
 
+FAST_PATHS = {"data.augment_on": "gpu", "model.packed_crops": True, "log.every_steps": 4,
+              "train.seed": 1}  # the seed: see test_equivalence.PATHS
+
+
+def test_fast_paths_fsdp_equals_ddp_and_resumes_exactly(dataset, tmp_path):
+    """Crops made on the device, packed crops and late-read ordinary steps: FSDP equals DDP,
+    and a resume from step 3 reaches the uninterrupted step-6 state."""
+    common = {**FAST_PATHS, "train.max_steps": STEPS, "optim.batch_size_per_gpu": 4}
+    run_train(tiny_overrides(dataset, tmp_path / "ddp", **common), nproc=2)
+    run_train(tiny_overrides(dataset, tmp_path / "fsdp", **common, **{
+        "train.parallel": "fsdp", "checkpoint.every_steps": 3}), nproc=2)
+    assert_close(state_at(tmp_path / "fsdp", STEPS), state_at(tmp_path / "ddp", STEPS))
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_00000003",
+                    tmp_path / "resumed" / "checkpoints" / "step_00000003")
+    resumed = run_train(tiny_overrides(dataset, tmp_path / "resumed", **common,
+                                       **{"train.parallel": "fsdp"}), nproc=2)
+    assert "resumed from" in resumed.stdout
+    assert_close(state_at(tmp_path / "resumed", STEPS), state_at(tmp_path / "fsdp", STEPS), 1e-6)
+
+
 def test_folder_without_commit_marker_is_skipped_with_a_warning(fsdp_run, dataset, tmp_path):
     shutil.copytree(fsdp_run / "checkpoints", tmp_path / "checkpoints")
     (tmp_path / "checkpoints" / f"step_{STEPS:08d}" / MARKER).unlink()  # as if killed
