@@ -26,6 +26,18 @@ from .crop_group import IMAGENET_MEAN, IMAGENET_STD, CropGroup
 BICUBIC = v2.InterpolationMode.BICUBIC
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
+# (blur, solarize) probabilities: global crop 1 is always blurred; crop 2 (and any further)
+# is rarely blurred but may be solarized; the locals are blurred half the time. The asymmetry
+# is part of the DINO recipe.
+FIRST_GLOBAL_P, OTHER_GLOBAL_P, LOCAL_P = (1.0, 0.0), (0.1, 0.2), (0.5, 0.0)
+
+
+def blur_and_solarize_p(global_crops_number: int,
+                        local_crops_number: int) -> tuple[list[float], list[float]]:
+    """Per crop position (global crops first): the blur and the solarize probabilities."""
+    pairs = ([FIRST_GLOBAL_P] + [OTHER_GLOBAL_P] * (global_crops_number - 1)
+             + [LOCAL_P] * local_crops_number)
+    return [blur for blur, _ in pairs], [solarize for _, solarize in pairs]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -78,11 +90,11 @@ class _PerCropChains:
 
     def __init__(self, global_crops_number, global_crop_size, global_crops_scale,
                  local_crops_number, local_crop_size, local_crops_scale, blur_sigma):
-        first_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=1.0,
-                                      solarize_p=0.0, blur_sigma=blur_sigma)
-        other_global = _crop_pipeline(global_crop_size, global_crops_scale, blur_p=0.1,
-                                      solarize_p=0.2, blur_sigma=blur_sigma)
-        local = _crop_pipeline(local_crop_size, local_crops_scale, blur_p=0.5, solarize_p=0.0,
+        first_global = _crop_pipeline(global_crop_size, global_crops_scale, *FIRST_GLOBAL_P,
+                                      blur_sigma=blur_sigma)
+        other_global = _crop_pipeline(global_crop_size, global_crops_scale, *OTHER_GLOBAL_P,
+                                      blur_sigma=blur_sigma)
+        local = _crop_pipeline(local_crop_size, local_crops_scale, *LOCAL_P,
                                blur_sigma=blur_sigma)
         self.pipelines = ([first_global] + [other_global] * (global_crops_number - 1)
                           + [local] * local_crops_number)
@@ -96,21 +108,19 @@ class _BatchedGroups:
 
     def __init__(self, global_crops_number, global_crop_size, global_crops_scale,
                  local_crops_number, local_crop_size, local_crops_scale, blur_sigma):
-        other_globals = global_crops_number - 1
-        self.groups = [CropGroup(global_crop_size, global_crops_scale,
-                                 blur_p=[1.0] + [0.1] * other_globals,
-                                 solarize_p=[0.0] + [0.2] * other_globals, blur_sigma=blur_sigma)]
+        blur_p, solarize_p = blur_and_solarize_p(global_crops_number, local_crops_number)
+        g = global_crops_number
+        self.groups = [CropGroup(global_crop_size, global_crops_scale, blur_p=blur_p[:g],
+                                 solarize_p=solarize_p[:g], blur_sigma=blur_sigma)]
         if local_crops_number:
-            self.groups.append(CropGroup(local_crop_size, local_crops_scale,
-                                         blur_p=[0.5] * local_crops_number,
-                                         solarize_p=[0.0] * local_crops_number,
-                                         blur_sigma=blur_sigma))
+            self.groups.append(CropGroup(local_crop_size, local_crops_scale, blur_p=blur_p[g:],
+                                         solarize_p=solarize_p[g:], blur_sigma=blur_sigma))
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [crop for group in self.groups for crop in group(image)]
 
 
-def _check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
+def check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
     if number < min_number:
         raise DataError(f"data.{kind}_crops_number is {number}: set it to at least {min_number}")
     if size < 1:
@@ -136,10 +146,8 @@ class MultiCropAugmentation:
         *,
         batched: bool,
     ) -> None:
-        _check_crops("global", global_crops_number, global_crop_size, global_crops_scale, 1)
-        _check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
-        # Global crop 1 is always blurred; crop 2 (and any further) is rarely blurred
-        # but may be solarized: the asymmetry is part of the DINO recipe.
+        check_crops("global", global_crops_number, global_crop_size, global_crops_scale, 1)
+        check_crops("local", local_crops_number, local_crop_size, local_crops_scale, 0)
         chosen = _BatchedGroups if batched else _PerCropChains
         self.make_crops = chosen(global_crops_number, global_crop_size, global_crops_scale,
                                  local_crops_number, local_crop_size, local_crops_scale,

@@ -4,9 +4,8 @@ A loader process decodes an image and draws, from the sample's private seed, eve
 choice its crops need: the crop box (RandomResizedCrop's rule), flip, colour jitter (whether,
 the four factors and their order), grayscale, blur (whether, sigma) and solarize. One row of
 COLUMNS floats per crop, global crops first; device_augment.py turns the rows into pixels.
-An image far larger than its crops need is shrunk here first (shrink_to_need). The probabilities are the CPU recipe's (augment.py): the first global crop is always blurred
-and never solarized, the others are blurred with p=0.1 and solarized with p=0.2, the local
-crops are blurred with p=0.5.
+An image far larger than its crops need is shrunk here first (shrink_to_need). The blur and
+solarize probabilities per crop position are the CPU recipe's (augment.blur_and_solarize_p).
 """
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import BLUR_SIGMA, _check_crops
+from .augment import BLUR_SIGMA, blur_and_solarize_p, check_crops
 from .crop_group import FLIP_P, GRAYSCALE_P, JITTER, JITTER_P, RATIO
 
 # Columns of a crop's parameter row. The box is (top, left, height, width) in pixels of the
@@ -58,9 +57,9 @@ class CropRecipe:
     blur_sigma: tuple[float, float] = tuple(BLUR_SIGMA)
 
     def __post_init__(self) -> None:
-        _check_crops("global", self.global_crops_number, self.global_crop_size,
+        check_crops("global", self.global_crops_number, self.global_crop_size,
                      self.global_crops_scale, 1)
-        _check_crops("local", self.local_crops_number, self.local_crop_size,
+        check_crops("local", self.local_crops_number, self.local_crop_size,
                      self.local_crops_scale, 0)
 
     @classmethod
@@ -83,12 +82,12 @@ class CropRecipe:
         return groups
 
     def blur_p(self) -> torch.Tensor:
-        others = self.global_crops_number - 1
-        return torch.tensor([1.0] + [0.1] * others + [0.5] * self.local_crops_number)
+        return torch.tensor(blur_and_solarize_p(self.global_crops_number,
+                                                self.local_crops_number)[0])
 
     def solarize_p(self) -> torch.Tensor:
-        others = self.global_crops_number - 1
-        return torch.tensor([0.0] + [0.2] * others + [0.0] * self.local_crops_number)
+        return torch.tensor(blur_and_solarize_p(self.global_crops_number,
+                                                self.local_crops_number)[1])
 
     def output_sizes(self) -> torch.Tensor:
         return torch.tensor([self.global_crop_size] * self.global_crops_number
