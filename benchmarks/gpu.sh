@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# GPU benchmark on one H100/H200: ViT-S/16 paper recipe (batch 64, 2x224 + 10x96 crops,
-# out_dim 65536) in bf16 with synthetic crops: dino-bench eager, the reference-style step
-# against ours in one process (eager, then compiled), dino-bench with torch.compile of the
-# whole models (--compile) and with the training's per-block compile (train.compile=true), and
-# the data pipeline on this machine's CPU. Each part prints one JSON line and writes it to
-# $OUT/<part>.json (or benchmarks/out); their stderr goes to stderr.log.
-# Under 8 minutes on an H100 including compilation (each part has its own time limit).
+# GPU benchmark on one H100/H200, the paper's crops (2x224 + 10x96), out_dim 65536, bf16:
+#   ViT-S/16 batch 64 from synthetic crops: eager, packed crops (one pass over all crops),
+#     whole-model compile; our step against the official code's way (reference_step.py);
+#   ViT-S/16 end to end from real JPEG files on local disk, data.augment_on=cpu and =gpu,
+#     and the loader processes' own images/s for both (how many feed the GPU);
+#   ViT-B/16 and ViT-L/16 (MFU), and the largest batch that fits for S, B and L.
+# Each part prints one JSON line into $OUT/<part>.json (or benchmarks/out), its stderr goes to
+# stderr.log, and the end prints one markdown table of all parts (benchmarks/gpu_table.py).
+# Parts have their own time limits, under 9 minutes in all on an H100. GPU_BENCH_PARTS="a b"
+# runs only the named parts; GPU_BENCH_SMOKE=1 is a dry run on a CPU with a tiny model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${OUT:-benchmarks/out}
@@ -16,16 +19,21 @@ config=configs/vit_small_16.yaml
 recipe=(train.precision=bf16 optim.batch_size_per_gpu=64 data.global_crops_number=2
         data.global_crop_size=224 data.local_crops_number=10 data.local_crop_size=96
         model.out_dim=65536)
-steps=40
+steps=40 jpegs=1024 cpu_workers=14 gpu_workers=8 max_batch=(--start 64 --tries 4)
 if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then  # a dry run of this script on a CPU, tiny model
   recipe+=(model.arch=vit_mini model.patch_size=8 model.img_size=16 data.global_crop_size=16
            data.local_crop_size=8 data.local_crops_number=2 model.out_dim=256
-           model.head_hidden_dim=64 model.head_bottleneck_dim=32 optim.batch_size_per_gpu=4)
-  steps=4
+           model.head_hidden_dim=64 model.head_bottleneck_dim=32 optim.batch_size_per_gpu=4
+           train.precision=fp32)
+  steps=4 jpegs=16 cpu_workers=1 gpu_workers=1 max_batch=(--start 2 --tries 2 --steps 1)
 fi
+smoke_arch() {  # the smoke run keeps its tiny model whatever the part asks for
+  [ "${GPU_BENCH_SMOKE:-0}" = 1 ] && echo model.arch=vit_mini || echo "model.arch=$1"
+}
 
 part() {  # part NAME LIMIT_S COMMAND...
   local name=$1 limit=$2; shift 2
+  if [ -n "${GPU_BENCH_PARTS:-}" ] && [[ " $GPU_BENCH_PARTS " != *" $name "* ]]; then return; fi
   echo "== $name"
   local began=$SECONDS
   timeout "$limit" "$@" >"$out_dir/$name.json" 2>"$out_dir/part.err"
@@ -37,12 +45,24 @@ part() {  # part NAME LIMIT_S COMMAND...
   rm -f "$out_dir/part.err"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench=(python3 -m dino_dist.cli.bench --config "$config" --steps "$steps" --rounds 2 --phase-steps 0)
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
-part bench_eager 90 python3 -m dino_dist.cli.bench --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part reference_step 100 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}"
-part data_only 40 python3 -m dino_dist.cli.bench --data-only --rounds 4
-part data_profile 40 python3 benchmarks/data_profile.py
-part bench_compile 180 python3 -m dino_dist.cli.bench --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
-part bench_train_compile 180 python3 -m dino_dist.cli.bench --config "$config" --steps "$steps" --rounds 4 "${recipe[@]}" train.compile=true
-part reference_step_compiled 180 python3 benchmarks/reference_step.py --config "$config" --compile --steps "$steps" --rounds 4 "${recipe[@]}"
+jpeg_dir="$DINO_DIST_CACHE/gpu_bench_jpegs"
+python3 -c "import sys; from pathlib import Path; from dino_dist.bench.images import ensure_bench_images; ensure_bench_images(Path(sys.argv[1]), count=int(sys.argv[2]))" "$jpeg_dir" "$jpegs"
+part vit_s_eager 60 "${bench[@]}" "${recipe[@]}"
+part vit_s_packed 60 "${bench[@]}" "${recipe[@]}" model.packed_crops=true
+part reference_step 70 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 2 "${recipe[@]}"
+part vit_s_jpeg_augment_cpu 60 "${bench[@]}" --data folder "${recipe[@]}" data.path="$jpeg_dir" data.augment_on=cpu data.num_workers="$cpu_workers"
+part vit_s_jpeg_augment_gpu 60 "${bench[@]}" --data folder "${recipe[@]}" data.path="$jpeg_dir" data.augment_on=gpu data.num_workers="$gpu_workers"
+part loader_augment_cpu 30 python3 -m dino_dist.cli.bench --data-only --rounds 2 --images "$jpeg_dir" data.augment_on=cpu
+part loader_augment_gpu 30 python3 -m dino_dist.cli.bench --data-only --rounds 2 --images "$jpeg_dir" data.augment_on=gpu
+part vit_b_eager 50 "${bench[@]}" "${recipe[@]}" "$(smoke_arch vit_base)"
+part vit_l_eager 60 "${bench[@]}" "${recipe[@]}" "$(smoke_arch vit_large)"
+part vit_s_compiled 120 "${bench[@]}" --compile "${recipe[@]}"
+part max_batch_vit_s 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}"
+part max_batch_vit_b 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}" "$(smoke_arch vit_base)"
+part max_batch_vit_l 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}" "$(smoke_arch vit_large)"
+echo
+python3 benchmarks/gpu_table.py "$out_dir"

@@ -112,6 +112,9 @@ def step_benchmark(args: argparse.Namespace) -> dict | None:
         "crops": {"global": [d.global_crops_number, d.global_crop_size],
                   "local": [d.local_crops_number, d.local_crop_size]},
         "out_dim": cfg.model.out_dim,
+        "packed_crops": cfg.model.packed_crops,
+        "augment_on": d.augment_on,  # with --data folder: where the crops were made
+        "num_workers": d.num_workers if args.data == "folder" else 0,
         **figures,
     }
 

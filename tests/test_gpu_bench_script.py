@@ -1,0 +1,34 @@
+"""benchmarks/gpu.sh stays runnable without a GPU: its smoke mode (a tiny model on the CPU)
+runs the parts that exercise each kind of command and ends with the one table."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from conftest import REPO, subprocess_env
+
+PARTS = ("vit_s_packed", "reference_step", "vit_s_jpeg_augment_gpu", "loader_augment_gpu",
+         "max_batch_vit_l")
+
+
+def test_gpu_bench_smoke_runs_its_parts_and_prints_one_table(tmp_path):
+    env = {**subprocess_env(), "OUT": str(tmp_path / "out"), "GPU_BENCH_SMOKE": "1",
+           "GPU_BENCH_PARTS": " ".join(PARTS), "DINO_DIST_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    reports = {}
+    for name in PARTS:
+        lines = (tmp_path / "out" / f"{name}.json").read_text().splitlines()
+        assert lines, f"{name} wrote nothing:\n" + (tmp_path / "out" / "stderr.log").read_text()[-3000:]
+        reports[name] = json.loads(lines[-1])
+    assert reports["vit_s_packed"]["packed_crops"] is True
+    assert reports["vit_s_jpeg_augment_gpu"]["augment_on"] == "gpu"
+    assert reports["vit_s_jpeg_augment_gpu"]["data"] == "folder"
+    assert reports["reference_step"]["speedup_vs_reference"] > 0
+    assert reports["max_batch_vit_l"]["largest_batch"] >= 2
+    table = [l for l in result.stdout.splitlines() if l.startswith("| ")]
+    assert len(table) == 2 + len(PARTS)  # header, separator and one row per part
+    assert not any("no result" in row for row in table), "\n".join(table)
+    assert os.path.exists(tmp_path / "cache" / "gpu_bench_jpegs")
