@@ -52,7 +52,8 @@ VARIANTS: dict[str, tuple[Path, int, list[str]]] = {
     "one_polarity_25_epochs_momentum_0.99": (
         BEFORE, 3, ["train.epochs=25", "optim.teacher_momentum=0.99",
                     "optim.teacher_momentum_end=0.998"]),
-    "demo_40_epochs": (DEMO, 3, ["train.epochs=40"]),
+    "demo_25_epochs": (DEMO, 3, ["train.epochs=25", "eval.every_epochs=5"]),
+    "demo_40_epochs": (DEMO, 3, ["train.epochs=40", "eval.every_epochs=5"]),
     "demo_out_dim_16384": (DEMO, 3, ["model.out_dim=16384"]),
 }
 
