@@ -169,3 +169,13 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     yield
 
 
+
+
+LONGEST_FIRST = ("test_demo.py",)  # the full default demo: ~6-7 minutes of one worker
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The longest file first: --dist loadfile hands files out in collection order, so the
+    demo starts at once on one worker while the other takes the rest, instead of starting
+    last and leaving one worker idle for its whole length."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
