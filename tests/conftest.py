@@ -175,7 +175,7 @@ LONGEST_FIRST = ("test_demo.py",)  # the full default demo: ~6-7 minutes of one 
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """The longest file first: --dist loadfile hands files out in collection order, so the
-    demo starts at once on one worker while the other takes the rest, instead of starting
-    last and leaving one worker idle for its whole length."""
+    """The longest file first: with --no-loadscope-reorder (setup.cfg) --dist loadfile hands
+    files out in collection order, so the demo starts at once on one worker while the other
+    takes the rest, instead of starting last with the other worker idle for its length."""
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)

@@ -88,7 +88,7 @@ def test_fsdp_checkpoint_resumes_at_two_ranks_and_at_one(fsdp_run, dataset, tmp_
 
 
 FAST_PATHS = {"data.augment_on": "gpu", "model.packed_crops": True, "log.every_steps": 4,
-              "train.seed": 1}  # the seed: see test_equivalence.PATHS
+              "train.seed": 1}  # the seed: see test_equivalence.FAST_PATHS
 
 
 def test_fast_paths_fsdp_equals_ddp_and_resumes_exactly(dataset, tmp_path):
