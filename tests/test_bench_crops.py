@@ -20,7 +20,7 @@ def test_hue_matches_torchvision_adjust_hue(shift):
     x = random_images()
     x[0, :, :5, :5] = 0.5  # grey pixels: hue undefined, must come out unchanged
     expected = torch.stack([TF.adjust_hue(image, shift) for image in x])
-    assert torch.allclose(cg._hue(x, torch.full((4,), shift)), expected, atol=1e-5)
+    assert torch.allclose(cg.rotate_hue(x, torch.full((4,), shift)), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("op, reference", [

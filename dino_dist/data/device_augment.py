@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .crop_group import GRAY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, SOLARIZE_THRESHOLD
+from .crop_group import (IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, SOLARIZE_THRESHOLD, gray,
+                         per_crop, rotate_hue)
 from .crop_params import (BLUR_ON, BRIGHTNESS, COLUMNS, CONTRAST_OP, FLIP, GRAY, HEIGHT, HUE,
                           HUE_OP, JITTER_ON, LEFT, ORDER, SATURATION, SATURATION_OP, SIGMA,
                           SOLARIZE_ON, TOP, WIDTH, CropRecipe, DecodedSample)
@@ -80,10 +81,6 @@ def collate_decoded(batch: list[tuple[DecodedSample, int, int]],
 
 # ---------------------------------------------------------------- geometry
 
-def _per_crop(values: torch.Tensor) -> torch.Tensor:
-    return values.view(-1, 1, 1, 1)
-
-
 def cut_and_resize(canvas: torch.Tensor, params: torch.Tensor, batch_size: int,
                    size: int) -> torch.Tensor:
     """Crop rows (position-major: row = position * B + sample) -> [rows, 3, size, size] in [0, 1].
@@ -99,15 +96,10 @@ def cut_and_resize(canvas: torch.Tensor, params: torch.Tensor, batch_size: int,
     boxes = torch.stack([sample, left, top, left + params[:, WIDTH], top + params[:, HEIGHT]], dim=1)
     crops = roi_align(canvas, boxes, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     crops = crops.div_(255).clamp_(0, 1)
-    return torch.where(_per_crop(params[:, FLIP] > 0.5), crops.flip(-1), crops)
+    return torch.where(per_crop(params[:, FLIP] > 0.5), crops.flip(-1), crops)
 
 
 # ---------------------------------------------------------------- colour
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=-3)
-    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(-3)
-
 
 def _blend_step(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor,
                 active: torch.Tensor) -> torch.Tensor:
@@ -117,30 +109,12 @@ def _blend_step(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor,
     grey level, or the grey image; an inactive crop gets f = 1, which returns x exactly.
     """
     factor = torch.where(active, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
-    gray = _gray(x)
-    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
-    target = torch.where(_per_crop(op == SATURATION_OP), gray,
-                         torch.where(_per_crop(op == CONTRAST_OP), mean, 0.0))
-    factor = _per_crop(factor)
+    grey = gray(x)
+    mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
+    target = torch.where(per_crop(op == SATURATION_OP), grey,
+                         torch.where(per_crop(op == CONTRAST_OP), mean, 0.0))
+    factor = per_crop(factor)
     return (x * factor + target * (1 - factor)).clamp_(0, 1)
-
-
-def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the HSV hue by `shift` turns, keeping saturation and value (crop_group._hue)."""
-    r, g, b = x.unbind(dim=-3)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
-    inv_chroma = chroma.clamp_min(1e-12).reciprocal_()
-    is_r = r == maxc
-    is_g = (g == maxc) & ~is_r
-    hue6 = torch.where(is_r, g - b, torch.where(is_g, (b - r) + chroma * 2, (r - g) + chroma * 4))
-    hue6 = hue6 * inv_chroma + (shift * 6).view(-1, 1, 1)
-    # Channel n is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + hue6) mod 6, n = 5, 3, 1.
-    sector_offsets = torch.arange(5, 0, -2, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = hue6.unsqueeze(-3) + sector_offsets
-    k = k - torch.floor(k * (1 / 6)) * 6
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return maxc.unsqueeze(-3) - ramp * chroma.unsqueeze(-3)
 
 
 def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -157,14 +131,14 @@ def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     blends = [torch.where(j < hue_slot, order[:, j], order[:, j + 1]) for j in range(3)]
     for j, op in enumerate(blends):
         x = _blend_step(x, op, factors, applied & (j < hue_slot))
-    x = torch.where(_per_crop(applied), _rotate_hue(x, params[:, HUE]), x)
+    x = torch.where(per_crop(applied), rotate_hue(x, params[:, HUE]), x)
     for j, op in enumerate(blends):
         x = _blend_step(x, op, factors, applied & (j >= hue_slot))
     return x
 
 
 def grayscale(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    return torch.where(_per_crop(params[:, GRAY] > 0.5), _gray(x).expand_as(x), x)
+    return torch.where(per_crop(params[:, GRAY] > 0.5), gray(x).expand_as(x), x)
 
 
 def blur_radius(size: int, sigma_range: tuple[float, float]) -> int:
@@ -197,7 +171,7 @@ def gaussian_blur(x: torch.Tensor, params: torch.Tensor, sigma_range: tuple[floa
 
 
 def solarize(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    flip_bright = _per_crop(params[:, SOLARIZE_ON] > 0.5) & (x >= SOLARIZE_THRESHOLD)
+    flip_bright = per_crop(params[:, SOLARIZE_ON] > 0.5) & (x >= SOLARIZE_THRESHOLD)
     return torch.where(flip_bright, 1 - x, x)
 
 
