@@ -123,6 +123,13 @@ class ModelConfig:
     packed_crops: bool = False
 
 
+def _check_packed_crops(model: ModelConfig) -> None:
+    # Packing lays crops out as token rows: only a ViT has tokens.
+    if model.packed_crops and not model.arch.startswith("vit"):
+        raise ConfigError(f"model.packed_crops=true needs a ViT arch, not model.arch="
+                          f"{model.arch}: set model.packed_crops=false")
+
+
 def _check_crops_fit_patches(model: ModelConfig, data: DataConfig) -> None:
     # A ViT cuts each crop into patch_size x patch_size tiles; ResNets take any size.
     if not model.arch.startswith("vit"):
@@ -424,6 +431,7 @@ def validate(cfg: Config) -> None:
     """Apply every field's own rule, then the rules that tie fields together."""
     _check_fields(cfg, prefix="")
     _check_crops_fit_patches(cfg.model, cfg.data)  # after patch_size is known to be > 0
+    _check_packed_crops(cfg.model)
     _check_schedule_epochs(cfg.optim)
     _check_eval_paths(cfg.eval)
     _check_crop_count(cfg.data)

@@ -240,10 +240,9 @@ def test_build_packs_the_student_only(tmp_path):
 
 
 def test_build_refuses_packing_a_resnet(tmp_path):
-    cfg = load_config(None, tiny_overrides(tmp_path, tmp_path, **{
-        "model.packed_crops": True, "model.arch": "resnet50"}))
     with pytest.raises(ConfigError, match="model.packed_crops") as info:
-        build_student_teacher(cfg)
+        load_config(None, tiny_overrides(tmp_path, tmp_path, **{
+            "model.packed_crops": True, "model.arch": "resnet50"}))
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="ViT backbone"):
         MultiCropWrapper(resnet50_backbone(), DINOHead(2048, 8), packed_crops=True)

@@ -18,8 +18,7 @@ from dino_dist.data import build_train_loader
 from dino_dist.distributed.env import DistEnv, configure_cpu_threads
 from dino_dist.training.engine import DinoEngine
 from dino_dist.training.loss import DINOLoss
-from dino_dist.models import (VIT_ARCHS, build_model, last_layer_parameters,
-                               param_groups_for_weight_decay)
+from dino_dist.models import build_model, last_layer_parameters, param_groups_for_weight_decay
 from dino_dist.models.packing import packs_evenly
 from dino_dist.distributed.parallel import prepare_models
 from dino_dist.training.schedules import build_schedules, micro_batches_per_epoch, steps_per_epoch
@@ -34,12 +33,9 @@ def seed_everything(seed: int) -> None:
 
 
 def student_packs_crops(cfg: Config) -> bool:
-    """model.packed_crops, checked against the arch and the crop counts."""
+    """model.packed_crops (config validation has checked the arch); uneven crop counts warn."""
     if not cfg.model.packed_crops:
         return False
-    if cfg.model.arch not in VIT_ARCHS:
-        raise ConfigError(f"model.packed_crops=true needs a ViT arch, not model.arch="
-                          f"{cfg.model.arch}: set model.packed_crops=false")
     n_global, n_local = cfg.data.global_crops_number, cfg.data.local_crops_number
     if n_local and not packs_evenly(n_global, n_local):
         LOG.warning("model.packed_crops: %d local crops do not split evenly over %d global "
