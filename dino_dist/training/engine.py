@@ -8,11 +8,14 @@ Order of operations inside a step, and why:
    skipped images | stop flag]. A non-finite loss or a stop request on any rank is therefore
    seen by every rank at the same step, so all skip, stop or save together instead of one
    rank leaving the others waiting in a collective.
-3. a step with a non-finite loss or gradient norm is skipped (weights, center and teacher
-   untouched) and counted; more than `max_nonfinite_steps` in a row stop every rank.
-4. otherwise the center moves (after every micro-batch used the old one), gradients are unscaled,
-   clipped, the last layer's gradient dropped while it is frozen, the optimizer steps, and
-   the teacher follows by EMA with fused foreach ops.
+3. gradients are unscaled and clipped, the last layer's gradient dropped while it is frozen;
+   then the center moves (after every micro-batch used the old one), the optimizer steps and
+   the teacher follows by EMA with fused foreach ops — each gated by one device bool, the
+   verdict: a step with a non-finite loss or gradient norm leaves weights, center and teacher
+   untouched without the host waiting for the device.
+4. the step's figures (loss, verdict, votes) are read on the host a step later, or at once on
+   steps that log or save (HostReadback): skipped steps are counted there, and more than
+   `max_nonfinite_steps` in a row stop every rank.
 """
 from __future__ import annotations
 
@@ -200,10 +203,7 @@ class DinoEngine:
         images = self.pending_count * self.env.world_size // self.n_global_crops
         self._reset_pending()
         step = self.schedules.index(step)
-        if self.scaler.is_enabled():
-            grad_norm, applied = self._apply_with_scaler(step, epoch, teacher_sum, figures, stats)
-        else:
-            grad_norm, applied = self._apply_on_device(step, epoch, teacher_sum, figures, stats)
+        grad_norm, applied = self._apply(step, epoch, teacher_sum, figures, stats)
         self.optimizer.zero_grad(set_to_none=True)
         self.clock.mark("optimizer")
         self.readback.post(torch.cat((figures, applied.float().view(1))))
@@ -244,9 +244,10 @@ class DinoEngine:
         reduced = all_reduce_sum_(torch.cat(parts))
         return stats.take_reduced(reduced) if stats is not None else reduced
 
-    def _apply_on_device(self, step: int, epoch: int, teacher_sum: torch.Tensor,
-                         figures: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """Center, optimizer and teacher updates, each gated by the device-side verdict."""
+    def _apply(self, step: int, epoch: int, teacher_sum: torch.Tensor, figures: torch.Tensor,
+               stats) -> tuple[torch.Tensor, torch.Tensor]:
+        """Center, optimizer and teacher updates, each gated by the step's verdict, a device
+        bool: a finite loss and gradient norm (fp16: and the GradScaler's own verdict)."""
         grad_norm = self._unscale_and_clip(epoch, stats)
         # Gradients are identical on all ranks after DDP's all-reduce (a sharded norm is
         # all-reduced), so every rank reaches the same verdict without another collective.
@@ -255,32 +256,22 @@ class DinoEngine:
         self.loss_fn.update_center(teacher_sum, figures[2], applied)
         self.clock.mark("loss")
         self._apply_schedule(step)
-        self._optimizer_step_if(applied)
+        if self.scaler.is_enabled():
+            applied = self._scaled_optimizer_step()
+        else:
+            self._optimizer_step_if(applied)
         self.clock.mark("optimizer")
         self._update_teacher(float(self.schedules.momentum[step]), applied)
         self.clock.mark("ema")
         return grad_norm, applied
 
-    def _apply_with_scaler(self, step: int, epoch: int, teacher_sum: torch.Tensor,
-                           figures: torch.Tensor, stats) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp16: the GradScaler skips steps with inf/NaN gradients and tells the host (by
-        lowering its scale), so this path reads the device every step."""
-        grad_norm = torch.full((), float("nan"), device=self.env.device)
-        applied = float(figures[1]) == 0
-        if applied:
-            grad_norm = self._unscale_and_clip(epoch, stats)
-            self.clock.mark("clip")
-            self.loss_fn.update_center(teacher_sum, figures[2])
-            self.clock.mark("loss")
-            self._apply_schedule(step)
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            applied = self.scaler.get_scale() >= scale_before
-            self.clock.mark("optimizer")
-            self._update_teacher(float(self.schedules.momentum[step]))
-            self.clock.mark("ema")
-        return grad_norm, torch.tensor(applied, device=self.env.device)
+    def _scaled_optimizer_step(self) -> torch.Tensor:
+        """fp16: the GradScaler skips a step with inf/NaN gradients and says so only by
+        lowering its scale, a host read: this path waits for the device every step."""
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return torch.tensor(self.scaler.get_scale() >= scale_before, device=self.env.device)
 
     def _optimizer_step_if(self, applied: torch.Tensor) -> None:
         """A fused optimizer skips on the device when handed `found_inf`, as under a
@@ -360,14 +351,10 @@ class DinoEngine:
         return total_norm
 
     @torch.no_grad()
-    def _update_teacher(self, momentum: float, applied: torch.Tensor | None = None) -> None:
+    def _update_teacher(self, momentum: float, applied: torch.Tensor) -> None:
         # Sharded models are sharded alike, so the EMA runs shard by shard with no gather.
         # The shards are looked up each time: FSDP may re-point them (e.g. at its lazy init).
         teacher, student = local_tensors(self.ema_teacher), local_tensors(self.ema_student)
-        if applied is None:
-            torch._foreach_mul_(teacher, momentum)
-            torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
-            return
         # A skipped step keeps the teacher: momentum 1, decided on the device.
         kept = torch.where(applied, momentum, 1.0)
         torch._foreach_mul_(teacher, kept)
