@@ -60,7 +60,7 @@ def data_config(path: str | Path, **overrides) -> types.SimpleNamespace:
         path=str(path), num_workers=0, global_crops_number=2, global_crop_size=GLOBAL_SIZE,
         global_crops_scale=[0.4, 1.0], local_crops_number=3, local_crop_size=LOCAL_SIZE,
         local_crops_scale=[0.05, 0.4], blur_sigma=[0.1, 2.0], demo_dir="", prefetch_factor=2,
-        batched_crops=False,
+        batched_crops=False, augment_on="cpu",
     )
     settings.update(overrides)
     return types.SimpleNamespace(**settings)

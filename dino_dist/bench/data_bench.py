@@ -72,7 +72,7 @@ def run_data_benchmark(data_cfg: Any, root: Path, images_per_round: int = 16,
     rates = {name: images / max(spent, 1e-9) for name, spent in seconds.items()}
     return {
         "mode": "data_only",
-        "augment_on": getattr(data_cfg, "augment_on", "cpu"),
+        "augment_on": data_cfg.augment_on,
         "images": str(root),
         "crops": {"global": [data_cfg.global_crops_number, data_cfg.global_crop_size],
                   "local": [data_cfg.local_crops_number, data_cfg.local_crop_size]},

@@ -48,21 +48,16 @@ def collate_multicrop(
     return crops, torch.tensor(labels, dtype=torch.long), sum(skipped)
 
 
-def augments_on_device(cfg: Any) -> bool:
-    # Configs built by hand (tests, scripts) may predate the key: they mean the CPU path.
-    return getattr(cfg, "augment_on", "cpu") == "gpu"
-
-
 def loader_transform(cfg: Any) -> Callable[[torch.Tensor], Any]:
     """What a loader process does to each decoded image: all crops (cpu), or only draw
     their parameters, the crops being made on the training device (gpu)."""
-    if augments_on_device(cfg):
+    if cfg.augment_on == "gpu":
         return CropParamSampler.from_config(cfg)
     return MultiCropAugmentation.from_config(cfg)
 
 
 def loader_collate(cfg: Any) -> Callable[[list], tuple[Any, torch.Tensor, int]]:
-    if augments_on_device(cfg):
+    if cfg.augment_on == "gpu":
         return functools.partial(collate_decoded, recipe=CropRecipe.from_config(cfg))
     return collate_multicrop
 
