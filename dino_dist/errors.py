@@ -17,6 +17,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (or written); the message names the file."""
 
 
+class RunDirectoryBusy(RuntimeError):
+    """Another live run owns train.output_dir; the message names it and what to do."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised on every rank at once after too many consecutive non-finite steps."""
 
@@ -30,5 +34,5 @@ class PlotError(RuntimeError):
 
 
 # What a command reports in one line (exit code 2 before any work, 1 after it started).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, SubmitError,
-               PlotError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, NonFiniteLossError,
+               SubmitError, PlotError)
