@@ -2,7 +2,12 @@
 
 The command itself is `dino_dist.cli.train`; this module keeps the documented module path.
 """
-from dino_dist.cli.train import cli, main
+# Before the heavy imports: a launcher that dies while torch loads is noticed too.
+from dino_dist.distributed.lifeline import watch_launcher
+
+watch_launcher()
+
+from dino_dist.cli.train import cli, main  # noqa: E402
 
 __all__ = ["cli", "main"]
 

@@ -17,9 +17,10 @@ from dino_dist.config import load_config
 from dino_dist.data import resolve_data_root
 from dino_dist.distributed.collectives import barrier, describe_collective_failure
 from dino_dist.distributed.env import init_distributed, teardown
+from dino_dist.distributed.lifeline import watch_launcher
 from dino_dist.distributed.slurm_env import under_slurm
 from dino_dist.distributed.stop import ignore_stop_signals, install_stop_handlers
-from dino_dist.errors import USER_ERRORS
+from dino_dist.errors import USER_ERRORS, RunDirectoryBusy
 
 LOG = logging.getLogger("dino_dist")
 STARTUP_TIMEOUT_S = 1800  # scanning a large dataset or writing the demo images can take a while
@@ -34,8 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First: a preemption signal during start-up must stop at the first step, not kill.
+    # First: a preemption signal during start-up must stop at the first step, not kill,
+    # and a worker whose launcher is gone must not go on writing into the run directory.
     install_stop_handlers(include_term=under_slurm())
+    watch_launcher()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -48,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dino_dist.training.run import TrainingRun  # heavy imports after argument checks
 
-        end = TrainingRun(cfg, env).execute()
+        try:
+            end = TrainingRun(cfg, env).execute()
+        except RunDirectoryBusy as err:  # refused before anything was touched: like a bad config
+            return report_error("dino-train", err) if env.is_main else 2
         # Leave together: a rank that tore its process group down while another was still
         # finishing (writing the summary) was seen to abort at exit (SIGABRT) under FSDP.
         barrier()

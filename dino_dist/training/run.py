@@ -16,12 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from dino_dist.checkpoint.run_lock import RunLock
 from dino_dist.checkpoint.writer import CheckpointWriter
 from dino_dist.config import Config, dump_config
 from dino_dist.data import ensure_demo_dataset
-from dino_dist.distributed.collectives import barrier, set_collective_timeout
+from dino_dist.distributed.collectives import barrier, broadcast_object, set_collective_timeout
 from dino_dist.distributed.env import DistEnv
-from dino_dist.errors import CheckpointError, DataError, NonFiniteLossError
+from dino_dist.errors import CheckpointError, DataError, NonFiniteLossError, RunDirectoryBusy
 from dino_dist.eval.attention import attention_grid_for
 from dino_dist.eval.end_of_run import knn_datasets, plan_knn_at_end, report_knn_at_end
 from dino_dist.eval.periodic import PeriodicEvaluation
@@ -47,24 +48,30 @@ class TrainingRun:
 
     def execute(self) -> LoopEnd:
         """Train until the config's end or a stop request; LoopEnd says which, and where."""
-        self.set_up()
-        start = self.resume()
+        # First of all: nothing in the directory is read, written or deleted before it is ours.
+        self.lock = take_run_directory(self.output_dir, self.env)
         try:
-            end = self.train(start)
-            self.finish(start, end)
+            self.set_up()
+            start = self.resume()
+            try:
+                end = self.train(start)
+                self.finish(start, end)
+            finally:
+                self.metrics.close()
+                if sys.exc_info()[0] is not None:
+                    self.writer.wait()  # even on an error, let a started save finish and commit
+            return end
         finally:
-            self.metrics.close()
-            if sys.exc_info()[0] is not None:
-                self.writer.wait()  # even on an error, let a started save finish and commit
-        return end
+            if self.lock is not None:
+                self.lock.release()  # after the last write (a background save included)
 
     # -- set up: folders, logging, data, models; every mistake knowable now is reported now
     def set_up(self) -> None:
         cfg, env = self.cfg, self.env
         refuse_fresh_start_over_checkpoints(cfg, self.checkpoint_dir)
-        if env.is_main:
-            check_writable(self.output_dir)
         setup_logging(self.output_dir, env.is_main)
+        if self.lock is not None and self.lock.takeover:
+            LOG.warning("%s", self.lock.takeover)
         if env.is_main:
             write_resolved_config(cfg, self.output_dir)
         if cfg.data.path == "demo" and env.is_local_main:
@@ -193,6 +200,22 @@ class TrainingRun:
         LOG.info("wrote %s (%s)", path, summary["stop_reason"])
 
 
+def take_run_directory(output_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (held by rank 0, None elsewhere); every rank
+    learns the outcome, so all ranks refuse together, before any of them touches a file."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except (RunDirectoryBusy, CheckpointError) as err:
+            refusal = (isinstance(err, RunDirectoryBusy), str(err))
+    refusal = broadcast_object(refusal)
+    if refusal is not None:
+        busy, line = refusal
+        raise RunDirectoryBusy(line) if busy else CheckpointError(line)
+    return lock
+
+
 def write_resolved_config(cfg: Config, output_dir: Path) -> None:
     """config.yaml is written once; a restart with other settings is logged, not overwritten."""
     path = output_dir / "config.yaml"
@@ -205,15 +228,3 @@ def write_resolved_config(cfg: Config, output_dir: Path) -> None:
                if before.get(s, {}).get(k) != v]
     if changed:
         LOG.info("config differs from %s: %s", path, "; ".join(changed))
-
-
-def check_writable(output_dir: Path) -> None:
-    """Fail at start, in one line, on an output dir that cannot be created or written."""
-    probe = output_dir / ".write_test"
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise CheckpointError(f"train.output_dir '{output_dir}' is not writable "
-                              f"({err.strerror or err}): choose a folder you can write to")
