@@ -16,6 +16,7 @@ from dino_dist.cli.export import main as export_main
 from dino_dist.errors import CheckpointError
 from dino_dist.models import build_backbone
 from tests.conftest import run_train, state_at, tiny_overrides, write_image_folder
+from tests.tolerance import assert_close_at_scale
 
 IMG_SIZE = 16  # the tiny run's crops; its position table is stored for this size
 STEPS = 2
@@ -60,7 +61,7 @@ def same_features(ours: nn.Module, theirs: nn.Module, img_size: int) -> None:
     with torch.no_grad():
         expected, got = ours.eval()(images), theirs.eval()(images)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert_close_at_scale(got, expected, 1e-5)  # timm's kernels may sum in another order
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

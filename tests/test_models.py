@@ -16,6 +16,7 @@ from dino_dist.models import (
     param_groups_for_weight_decay,
 )
 from dino_dist.models.resnet import resnet50_backbone
+from tests.tolerance import assert_close_at_scale
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +198,8 @@ def test_vit_matches_official_forward(patch_size, depth, input_hw):
     with torch.no_grad():
         ours, expected = model(images), reference(images)
     assert ours.shape == (2, dim)
-    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    # Fused attention sums in another order than the reference's explicit softmax.
+    assert_close_at_scale(ours, expected, 1e-5)
 
 
 def test_pos_embed_interpolation_uses_official_scale_factor():
@@ -368,7 +370,8 @@ def test_multicrop_matches_per_crop_and_groups_by_resolution():
         assert batch_sizes == [4, 6]
         expected = torch.cat([model.head(model.backbone(crop)) for crop in crops])
     assert out.shape == (10, 20)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # A batch of another size may take another matmul kernel, summing in another order.
+    assert_close_at_scale(out, expected, 1e-5)
 
 
 def test_multicrop_runs_head_once_and_keeps_non_consecutive_order():
@@ -382,7 +385,7 @@ def test_multicrop_runs_head_once_and_keeps_non_consecutive_order():
         out = model(crops)
         assert head_calls == [3] and backbone_calls == sizes
         expected = torch.cat([model.head(model.backbone(crop)) for crop in crops])
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_close_at_scale(out, expected, 1e-5)
 
 
 def test_multicrop_accepts_single_tensor():
