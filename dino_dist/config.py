@@ -3,16 +3,25 @@
 Every section is a dataclass, so a typo or a wrong type is caught before any process group
 or data loader starts, with a message naming the key and the closest valid one. Each field
 carries its own rule (`choice`, `positive`, ...: dataclass field metadata) and the rules that
-tie fields together sit right after their section; `validate` applies both.
+tie fields together sit right after their section; `validate` applies both. Every rule the
+config alone decides lives here, once; only what needs the data or the machine (a folder
+exists, its images decode, CUDA is there) is checked later, where that becomes known. The
+comments beside the fields are their documentation: `key_docs` reads them for
+`dino-train --help`.
 
 This is the bottom layer: it imports nothing from dino_dist but the errors, so the names
 other packages also know (ARCH_NAMES, LR_SCHEDULES, EVAL_METRICS) are defined here.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import io
 import math
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,14 +84,17 @@ def _require(key: str, value: Any, ok: Callable[[Any], bool], requirement: str) 
 
 @dataclass
 class DataConfig:
-    path: str = "demo"
-    num_workers: int = non_negative(4)
+    path: str = "demo"  # an ImageFolder root, a plain folder of images, or demo (built-in)
+    num_workers: int = non_negative(4)  # loader processes per rank; 0 = load in the trainer
+    # Batches each loader process prepares ahead; must be >= 1 when num_workers > 0
     prefetch_factor: int = 2
-    global_crops_number: int = positive(2)
-    global_crop_size: int = positive(224)
+    global_crops_number: int = positive(2)  # large crops per image; the teacher sees only these
+    global_crop_size: int = positive(224)  # side of a global crop in pixels
+    # A global crop's area as a fraction of the image's: drawn from [low, high]
     global_crops_scale: list[float] = low_high([0.4, 1.0], ceiling=1)
-    local_crops_number: int = non_negative(10)
-    local_crop_size: int = positive(96)
+    local_crops_number: int = non_negative(10)  # small crops per image, for the student only
+    local_crop_size: int = positive(96)  # side of a local crop in pixels
+    # A local crop's area as a fraction of the image's: drawn from [low, high]
     local_crops_scale: list[float] = low_high([0.05, 0.4], ceiling=1)
     # Gaussian-blur sigma range in pixels; the paper's (0.1, 2.0) is meant for 224 px crops,
     # so small-image runs scale it down with the crop size.
@@ -94,7 +106,16 @@ class DataConfig:
     # training device, batched over all images of a micro-batch (loader processes then only
     # read and decode; on a CPU-only run "gpu" means the main process). Same recipe.
     augment_on: str = choice("cpu", ("cpu", "gpu"))
+    # Where the demo images are made; "" = $DINO_DIST_CACHE/demo or ~/.cache/dino_dist/demo
     demo_dir: str = ""
+
+
+def _check_prefetch(data: DataConfig) -> None:
+    # Without loader processes nothing is prefetched, so any value is harmless there.
+    if data.num_workers > 0:
+        _require("data.prefetch_factor", data.prefetch_factor, lambda v: v >= 1,
+                 f"must be >= 1 with data.num_workers={data.num_workers} (or set "
+                 f"data.num_workers=0)")
 
 
 def _check_crop_count(data: DataConfig) -> None:
@@ -106,17 +127,17 @@ def _check_crop_count(data: DataConfig) -> None:
 
 @dataclass
 class ModelConfig:
-    arch: str = choice("vit_small", ARCH_NAMES)
-    patch_size: int = positive(16)
+    arch: str = choice("vit_small", ARCH_NAMES)  # the backbone
+    patch_size: int = positive(16)  # ViT patch side in pixels
     # Resolution the ViT's position table is stored at (other sizes are interpolated);
     # 224 keeps official checkpoints loadable, small-image runs set their crop size.
     img_size: int = positive(224)
-    drop_path_rate: float = non_negative(0.1)
-    out_dim: int = positive(65536)
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    head_hidden_dim: int = positive(2048)
-    head_bottleneck_dim: int = positive(256)
+    drop_path_rate: float = non_negative(0.1)  # stochastic depth of the student (not the teacher)
+    out_dim: int = positive(65536)  # prototypes: the width of the DINO head's output
+    use_bn_in_head: bool = False  # BatchNorm between the head's MLP layers
+    norm_last_layer: bool = True  # freeze the head's last-layer norm at 1 (steadier training)
+    head_hidden_dim: int = positive(2048)  # width of the head's MLP
+    head_bottleneck_dim: int = positive(256)  # width before the head's last layer
     # ViTs: run the student's global and local crops as one packed batch of sequences with
     # block-diagonal attention (one pass through every layer) instead of one pass per crop
     # resolution. Same outputs; which is faster depends on the device and the model.
@@ -134,34 +155,38 @@ def _check_crops_fit_patches(model: ModelConfig, data: DataConfig) -> None:
     # A ViT cuts each crop into patch_size x patch_size tiles; ResNets take any size.
     if not model.arch.startswith("vit"):
         return
-    for key in ("global_crop_size", "local_crop_size"):
-        _require(f"data.{key}", getattr(data, key), lambda v: v % model.patch_size == 0,
+    sizes = {"data.global_crop_size": data.global_crop_size,
+             "data.local_crop_size": data.local_crop_size, "model.img_size": model.img_size}
+    for key, size in sizes.items():
+        _require(key, size, lambda v: v % model.patch_size == 0,
                  f"must be a multiple of model.patch_size ({model.patch_size})")
 
 
 @dataclass
 class OptimConfig:
-    batch_size_per_gpu: int = positive(64)
-    accum_steps: int = positive(1)
-    # For a total batch of 256; scaled linearly by the real total batch
+    batch_size_per_gpu: int = positive(64)  # images per micro-batch on each rank
+    accum_steps: int = positive(1)  # micro-batches per optimizer step
+    # Peak learning rate for a total batch of 256; scaled linearly by the real total batch
     lr: float = non_negative(0.0005)
-    min_lr: float = non_negative(1e-6)
+    min_lr: float = non_negative(1e-6)  # learning rate at the end of the schedule
     # After warm-up: cosine (DINO) | linear | cosine_restarts | polynomial | constant_after_decay
     lr_schedule: str = choice("cosine", LR_SCHEDULES)
     lr_cycle_epochs: int = non_negative(0)  # cosine_restarts: epochs per cycle
     lr_power: float = positive(2.0)  # polynomial: exponent of the decay
     # constant_after_decay: epochs of cosine decay, then min_lr
     lr_decay_epochs: int = non_negative(0)
-    warmup_epochs: int = non_negative(10)
-    weight_decay: float = non_negative(0.04)
-    weight_decay_end: float = non_negative(0.4)
-    clip_grad: float = non_negative(3.0)  # 0 disables clipping
+    warmup_epochs: int = non_negative(10)  # linear learning-rate warm-up from 0
+    weight_decay: float = non_negative(0.04)  # at the start, a cosine to weight_decay_end
+    weight_decay_end: float = non_negative(0.4)  # weight decay at the end of training
+    clip_grad: float = non_negative(3.0)  # the gradient-norm limit; 0 disables clipping
     # DINO's per-parameter clipping, or "global" norm
     clip_mode: str = choice("per_param", ("per_param", "global"))
     # Epochs during which the head's last layer is not updated
     freeze_last_layer: int = non_negative(1)
+    # EMA momentum of the teacher at the start; a cosine to teacher_momentum_end
     teacher_momentum: float = unit_interval(0.996)
-    teacher_momentum_end: float = unit_interval(1.0)
+    teacher_momentum_end: float = unit_interval(1.0)  # the teacher's at the end of training
+    # AdamW's betas
     betas: list[float] = ruled([0.9, 0.999],
                                rule=lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
                                requirement="must be [beta1, beta2] with each in [0, 1)")
@@ -182,33 +207,38 @@ def _check_schedule_epochs(optim: OptimConfig) -> None:
 class LossConfig:
     """The DINO loss: student and teacher temperatures (the teacher's warmed up per epoch) and
     the center's EMA momentum."""
-    student_temp: float = positive(0.1)
+    student_temp: float = positive(0.1)  # softmax temperature of the student's output
+    # The teacher's softmax temperature at the start, linear to teacher_temp
     warmup_teacher_temp: float = positive(0.04)
-    teacher_temp: float = positive(0.04)
-    warmup_teacher_temp_epochs: int = non_negative(0)
+    teacher_temp: float = positive(0.04)  # the teacher's temperature after its warm-up
+    warmup_teacher_temp_epochs: int = non_negative(0)  # epochs of the teacher-temp warm-up
+    # EMA momentum of the center subtracted from the teacher's output (against collapse)
     center_momentum: float = unit_interval(0.9)
 
 
 @dataclass
 class EarlyStoppingConfig:
     """Stop when the periodic evaluation's metric has not improved for `patience` evaluations."""
-    enabled: bool = False
-    # knn_top1 | knn_top5 | val_loss (see eval.every_epochs)
+    enabled: bool = False  # needs eval.every_epochs > 0 and a measured metric
+    # The metric watched, one the periodic evaluation measures (see eval.every_epochs)
     metric: str = choice("knn_top1", EVAL_METRICS)
     # auto (max for k-NN, min for losses) | max | min
     mode: str = choice("auto", ("auto", "max", "min"))
     patience: int = positive(3)  # evaluations without an improvement of more than min_delta
-    min_delta: float = non_negative(0.0)
+    min_delta: float = non_negative(0.0)  # a smaller change is no improvement
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = positive(100)
+    epochs: int = positive(100)  # passes over the training data
     max_steps: int = non_negative(0)  # stop after this many optimizer steps; 0 = no limit
-    seed: int = non_negative(0)
+    seed: int = non_negative(0)  # initial weights, crops and data order
+    # The compute precision of the forward and backward passes
     precision: str = choice("fp32", ("fp32", "bf16", "fp16"))
+    # ddp: a whole model per rank; fsdp: parameters, gradients and optimizer state sharded
     parallel: str = choice("ddp", ("ddp", "fsdp"))
-    device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto | cpu | cuda
+    device: str = choice("auto", ("auto", "cpu", "cuda"))  # auto = cuda when present, else cpu
+    # The run directory (config, metrics, logs, checkpoints); a restart resumes from it
     output_dir: str = "runs/dino"
     # A collective that waits longer than this fails (a rank died or hangs) instead of hanging
     # forever. Start-up (data scan, demo generation) gets at least 30 min. It must exceed the
@@ -223,13 +253,14 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = non_negative(0)  # 0 = only at epoch ends and at the end of the run
+    # Save every N optimizer steps; 0 = only at epoch ends and at the end of the run
+    every_steps: int = non_negative(0)
     # Newest checkpoints kept; older ones go once a new one is committed
     keep_last: int = positive(3)
     # Also keep the epoch-end checkpoint of every N-th epoch
     keep_every_epochs: int = non_negative(0)
     resume: bool = True  # resume from the newest valid checkpoint in train.output_dir
-    resume_from: str = ""  # a checkpoint file to start from instead
+    resume_from: str = ""  # a checkpoint file to start from instead of the newest one there
     # Sharded (FSDP) checkpoints only: training waits for the copy to host memory, not for
     # the write; the next save waits for the previous one to be committed.
     async_save: bool = False
@@ -237,31 +268,34 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = positive(10)
-    tensorboard: bool = True
+    every_steps: int = positive(10)  # optimizer steps between metric lines
+    tensorboard: bool = True  # event files in RUN/tb
     # A collapse warning needs this many logging steps in a row that look collapsed.
     collapse_window: int = positive(3)
     # Weights & Biases (pip install -e ".[wandb]"): the same scalars, the config and the
     # attention grids, from rank 0; offline without an API key or network.
     wandb: bool = False
-    wandb_project: str = "dino_dist"
-    wandb_name: str = ""  # "" = the run directory's name
+    wandb_project: str = "dino_dist"  # the W&B project
+    wandb_name: str = ""  # the W&B run name; "" = the run directory's name
 
 
 @dataclass
 class EvalConfig:
-    knn_at_end: bool = False  # the demo turns this on
-    train_path: str = ""  # labelled ImageFolder roots; empty with data.path=demo = demo splits
-    val_path: str = ""
-    knn_k: int = positive(20)
-    knn_temperature: float = positive(0.07)
-    image_size: int = positive(224)
-    batch_size: int = positive(64)
+    knn_at_end: bool = False  # a k-NN report on the trained teacher (the demo turns it on)
+    # Labelled ImageFolder roots for k-NN: train_path the bank, val_path the queries;
+    # "" with data.path=demo = the demo's splits
+    train_path: str = ""
+    val_path: str = ""  # see train_path
+    knn_k: int = positive(20)  # neighbours that vote
+    knn_temperature: float = positive(0.07)  # temperature of the k-NN vote weights
+    image_size: int = positive(224)  # side of an evaluation image in pixels
+    batch_size: int = positive(64)  # evaluation images per batch on each rank
     every_epochs: int = non_negative(0)  # evaluate during training every N epochs; 0 = off
     # Held-out images (any folder layout) for a validation DINO loss; "" = the demo's val
     # split with data.path=demo, else no validation loss.
     val_loss_path: str = ""
-    # Kept in checkpoints/best/: knn_top1 | knn_top5 | val_loss | auto
+    # The metric whose best checkpoint is kept in checkpoints/best/; auto = the first one
+    # measured (knn_top1, else val_loss)
     best_metric: str = choice("auto", ("auto",) + EVAL_METRICS)
     # A folder of a few fixed images: a grid of the teacher's last-block CLS attention maps
     # goes to TensorBoard (images) at each periodic evaluation and at the end of the run.
@@ -275,24 +309,66 @@ def _check_eval_paths(e: EvalConfig) -> None:
                           "trees for k-NN): set both, or neither")
 
 
+def _measured_metrics(cfg: Config) -> list[str]:
+    """What a periodic evaluation measures with these settings: k-NN on labelled folders
+    (eval.train_path/val_path, else the demo's splits) and a validation loss on held-out
+    images (eval.val_loss_path, else the demo's val split)."""
+    demo = cfg.data.path == "demo"
+    knn = ["knn_top1", "knn_top5"] if cfg.eval.train_path or demo else []
+    return knn + (["val_loss"] if cfg.eval.val_loss_path or demo else [])
+
+
+def _check_evaluated_metrics(cfg: Config) -> None:
+    # A metric that is never measured would leave early stopping or the best checkpoint
+    # waiting for the whole run without a word.
+    stop, e = cfg.train.early_stopping, cfg.eval
+    if stop.enabled and not e.every_epochs:
+        raise ConfigError("train.early_stopping.enabled=true needs periodic evaluation: "
+                          "set eval.every_epochs to 1 or more")
+    wanted = [("train.early_stopping.metric", stop.metric)] if stop.enabled else []
+    if e.every_epochs and e.best_metric != "auto":
+        wanted.append(("eval.best_metric", e.best_metric))
+    available = _measured_metrics(cfg)
+    for key, metric in wanted:
+        if metric not in available:
+            source = "eval.val_loss_path (held-out images)" if metric == "val_loss" else \
+                "eval.train_path and eval.val_path (labelled ImageFolder trees)"
+            raise ConfigError(f"{key}={metric} is never measured: set {source}, "
+                              f"or choose one of: {', '.join(available) or 'none available'}")
+
+
+def _check_attention_images(cfg: Config) -> None:
+    # The grid shows a ViT's CLS attention and is written to TensorBoard or W&B only.
+    if not cfg.eval.attention_images:
+        return
+    if not cfg.model.arch.startswith("vit"):
+        raise ConfigError(f"eval.attention_images is set, but model.arch={cfg.model.arch} "
+                          "has no attention: leave eval.attention_images empty")
+    if not (cfg.log.tensorboard or cfg.log.wandb):
+        raise ConfigError("eval.attention_images draws its grid to TensorBoard (or W&B), "
+                          "but log.tensorboard=false: set log.tensorboard=true, or leave "
+                          "eval.attention_images empty")
+
+
 @dataclass
 class SlurmConfig:
     """Cluster defaults for launch/submit.py (its options win); training reads max_requeues."""
-    partition: str = ""  # "" = the cluster's default partition; same for account/qos/constraint
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    nodes: int = positive(1)
-    gpus_per_node: int = non_negative(0)
-    tasks_per_node: int = non_negative(0)  # 0 = one per GPU, or one per node without GPUs
-    cpus_per_task: int = non_negative(0)  # 0 = the cluster's default
-    mem_gb: int = non_negative(0)  # 0 = the cluster's default
-    timeout_min: int = positive(1440)
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""  # "" = none given to sbatch
+    qos: str = ""  # "" = none given to sbatch
+    constraint: str = ""  # "" = none given to sbatch
+    nodes: int = positive(1)  # nodes per job
+    gpus_per_node: int = non_negative(0)  # GPUs per node; 0 = none asked for
+    # Processes (ranks) per node; 0 = one per GPU, or one per node without GPUs
+    tasks_per_node: int = non_negative(0)
+    cpus_per_task: int = non_negative(0)  # CPUs per process; 0 = the cluster's default
+    mem_gb: int = non_negative(0)  # memory per node in GB; 0 = the cluster's default
+    timeout_min: int = positive(1440)  # the time limit of one job, in minutes
     # USR2 this long before the time limit: enough for one step + save
     signal_delay_s: int = non_negative(120)
     # The job requeues itself after a signal at most this many times
     max_requeues: int = non_negative(20)
-    job_name: str = "dino"
+    job_name: str = "dino"  # the SLURM job name
 
 
 @dataclass
@@ -435,6 +511,9 @@ def validate(cfg: Config) -> None:
     _check_schedule_epochs(cfg.optim)
     _check_eval_paths(cfg.eval)
     _check_crop_count(cfg.data)
+    _check_prefetch(cfg.data)
+    _check_evaluated_metrics(cfg)  # after the eval paths are known to be paired
+    _check_attention_images(cfg)
 
 
 def _check_fields(section: Any, prefix: str) -> None:
@@ -460,3 +539,51 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             except ConfigError:
                 continue  # a key from another version: keep this version's default
     return cfg
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str  # section.key (section.sub.key inside a sub-section)
+    default: Any
+    rule: str  # the field's requirement, e.g. "must be > 0"; "" when it has none
+    comment: str
+
+
+def key_docs() -> list[KeyDoc]:
+    """Every config key with its default, rule and comment, read from the dataclass fields
+    and the comments written beside them here, so that a listing (`dino-train --help`)
+    cannot disagree with the code."""
+    return _section_docs(Config(), prefix="")
+
+
+def _section_docs(section: Any, prefix: str) -> list[KeyDoc]:
+    comments = _field_comments(type(section))
+    docs = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            docs.extend(_section_docs(value, f"{prefix}{f.name}."))
+        else:
+            rule = f.metadata[_RULE][1] if _RULE in f.metadata else ""
+            docs.append(KeyDoc(prefix + f.name, value, rule, comments.get(f.name, "")))
+    return docs
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment: the comment lines right above it, then the one on its line(s)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        found[node.target.id] = " ".join(above + own)
+    return found

@@ -62,15 +62,6 @@ def loader_collate(cfg: Any) -> Callable[[list], tuple[Any, torch.Tensor, int]]:
     return collate_multicrop
 
 
-def _check_loader_settings(cfg: Any, batch_size: int) -> None:
-    if batch_size < 1:
-        raise DataError(f"batch size per rank is {batch_size}: set it to at least 1")
-    if cfg.num_workers < 0:
-        raise DataError(f"data.num_workers is {cfg.num_workers}: set it to 0 or more")
-    if cfg.num_workers > 0 and cfg.prefetch_factor < 1:
-        raise DataError(f"data.prefetch_factor is {cfg.prefetch_factor}: set it to at least 1")
-
-
 def build_train_loader(
     cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, pin_memory: bool = False,
 ) -> tuple[DataLoader, ShardedEpochSampler, MultiCropDataset]:
@@ -78,8 +69,9 @@ def build_train_loader(
 
     crops: a list of [B, C, H, W] tensors (augment_on=cpu), or a DecodedBatch that
     crops_on_device turns into that list on the training device (augment_on=gpu).
+    `cfg`'s settings were checked when the config loaded; what only the data can tell (the
+    folder, its images, enough of them for one batch) is checked here.
     """
-    _check_loader_settings(cfg, batch_size)
     dataset = MultiCropDataset(resolve_data_root(cfg), loader_transform(cfg), seed)
     sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
     if sampler.samples_per_rank < batch_size:

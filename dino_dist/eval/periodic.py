@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.distributed.rng import rng_state, set_rng_state
-from dino_dist.config import Config, ConfigError
+from dino_dist.config import Config
 from dino_dist.data import MultiCropAugmentation, MultiCropDataset, collate_multicrop, demo_val_root
 from dino_dist.distributed.collectives import all_reduce_sum_, broadcast_object
 from dino_dist.distributed.env import DistEnv
@@ -68,7 +68,6 @@ class PeriodicEvaluation:
             (demo_val_root(cfg.data) if cfg.data.path == "demo" else None)
         available = (["knn_top1", "knn_top5"] if self.knn_sets else []) + \
             (["val_loss"] if self.val_loss_dir else [])
-        self._check_settings(available)
         if self.every and not available:
             if not cfg.eval.attention_images:  # the attention grid alone is an evaluation too
                 LOG.warning("eval.every_epochs=%d, but there is nothing to evaluate on, so no "
@@ -84,21 +83,6 @@ class PeriodicEvaluation:
                                    stop.min_delta) if stop.enabled else None
         self.last_improved_step = -1  # the step whose state is the new best: save it
         self._val_set = None
-
-    def _check_settings(self, available: list[str]) -> None:
-        e, stop = self.cfg.eval, self.cfg.train.early_stopping
-        if stop.enabled and not self.every:
-            raise ConfigError("train.early_stopping.enabled=true needs periodic evaluation: "
-                              "set eval.every_epochs to 1 or more")
-        wanted = [("train.early_stopping.metric", stop.metric)] if stop.enabled else []
-        if self.every and e.best_metric != "auto":
-            wanted.append(("eval.best_metric", e.best_metric))
-        for key, metric in wanted:
-            if metric not in available:
-                source = "eval.val_loss_path (held-out images)" if metric == "val_loss" else \
-                    "eval.train_path and eval.val_path (labelled ImageFolder trees)"
-                raise ConfigError(f"{key}={metric} is never measured: set {source}, "
-                                  f"or choose one of: {', '.join(available) or 'none available'}")
 
     def due(self, epochs_done: int) -> bool:
         return bool(self.every) and epochs_done % self.every == 0
