@@ -1,6 +1,8 @@
 """End to end through the installed console scripts: dino-train (plain and torchrun) and dino-knn."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import shutil
 import subprocess
@@ -11,6 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dino_dist.config import Config, apply_override
 from tests.conftest import REPO, free_port, subprocess_env
 
 STEPS = 3
@@ -99,3 +102,44 @@ def test_dino_knn_names_a_corrupt_checkpoint(tmp_path, image_folder):
                             env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert str(bad) in result.stderr and "Traceback" not in result.stderr
+
+
+def config_defaults(section: object, prefix: str = "") -> dict[str, object]:
+    """section.key -> default, for every field of every section (and sub-section)."""
+    defaults = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            defaults.update(config_defaults(value, f"{prefix}{f.name}."))
+        else:
+            defaults[f"{prefix}{f.name}"] = value
+    return defaults
+
+
+def help_entries(text: str) -> dict[str, tuple[str, str]]:
+    """section.key -> (the default shown, the comment) from dino-train --help."""
+    entries: dict[str, list[str]] = {}
+    key = None
+    for line in text.split("\nconfig keys:", 1)[1].splitlines()[1:]:
+        if line.startswith(" " * 6):  # the comment, wrapped over one or more lines
+            entries[key][1] = f"{entries[key][1]} {line.strip()}".strip()
+        else:
+            key, _, shown = line.strip().partition(" = ")
+            entries[key] = [shown.split("  (must ")[0], ""]
+    return {k: (shown, comment) for k, (shown, comment) in entries.items()}
+
+
+def test_help_lists_every_config_key_with_its_default_and_comment():
+    listed = help_entries(run([console_script("dino-train"), "--help"]).stdout)
+    defaults = config_defaults(Config())
+    assert list(listed) == list(defaults)
+    for key, default in defaults.items():
+        shown, comment = listed[key]
+        cfg = Config()
+        apply_override(cfg, f"{key}={shown}")  # what --help shows is the default, as written
+        assert functools.reduce(getattr, key.split("."), cfg) == default, key
+        assert comment, f"{key} has no comment in dino_dist/config.py"
+    assert listed["train.max_steps"][1] == "stop after this many optimizer steps; 0 = no limit"
+    # A comment of several lines above its field arrives whole.
+    assert listed["train.dist_timeout_s"][1].startswith("A collective that waits longer than")
+    assert listed["train.dist_timeout_s"][1].endswith("since the other ranks wait for it.")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 
 from dino_dist.cli.command import report_error
 from dino_dist.cluster.requeue import after_stop
-from dino_dist.config import load_config
+from dino_dist.config import key_docs, load_config
 from dino_dist.data import resolve_data_root
 from dino_dist.distributed.collectives import barrier, describe_collective_failure
 from dino_dist.distributed.env import init_distributed, teardown
@@ -28,10 +29,34 @@ STARTUP_TIMEOUT_S = 1800  # scanning a large dataset or writing the demo images 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="dino-train", description="Train a DINO model (no --config: the CPU demo).")
+        prog="dino-train", description="Train a DINO model (no --config: the CPU demo).",
+        epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.lr=1e-4")
     return parser.parse_args(argv)
+
+
+def config_keys_help() -> str:
+    """Every config key, its default and rule, and its comment: read from the config's
+    fields, so the listing changes with the code."""
+    lines = ["config keys: set any with section.key=VALUE after the options (default after '=')"]
+    for doc in key_docs():
+        rule = f"  ({doc.rule})" if doc.rule else ""
+        lines.append(f"  {doc.key} = {as_override(doc.default)}{rule}")
+        # Whole words only: a line broken inside "k-NN" would read as two words.
+        lines.append(textwrap.fill(doc.comment, width=100, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6, break_on_hyphens=False,
+                                   break_long_words=False))
+    return "\n".join(lines)
+
+
+def as_override(value: object) -> str:
+    """A value as it is written after `key=` (or in the YAML file)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(as_override(v) for v in value) + "]"
+    return str(value) if value != "" else '""'
 
 
 def main(argv: list[str] | None = None) -> int:
