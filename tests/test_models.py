@@ -407,6 +407,18 @@ def test_resnet50_backbone_features():
     assert isinstance(model.fc, nn.Identity)
 
 
+def test_resnet50_backbone_is_torchvisions_resnet50_without_the_classifier():
+    """Same parameter names and the same init from the same seed: the official checkpoints
+    and earlier runs still load."""
+    from torchvision.models import resnet50
+    torch.manual_seed(0)
+    reference = resnet50(weights=None).state_dict()
+    torch.manual_seed(0)
+    ours = resnet50_backbone().state_dict()
+    assert list(ours) == [k for k in reference if not k.startswith("fc.")]
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+
+
 def test_arch_names_and_builder():
     assert set(ARCH_NAMES) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_mini",
                                "resnet50"}

@@ -3,9 +3,11 @@ that applies parallelism to the models. (The engine then only asks the wrapper f
 sync or its shards; the sharded checkpoint format stores whatever layout it is given.)
 
 Everything applied to the models happens here, in one fixed order (`prepare_models`):
-activation checkpointing per block, then torch.compile per block, then sharding (FSDP2:
-each block, then the root) or the DDP wrapper. Checkpointing must wrap the eager block that
-compile then traces, and FSDP must see the final blocks to hook its all-gathers around them.
+activation checkpointing per unit, then torch.compile per unit, then sharding (FSDP2: each
+unit, then the root) or the DDP wrapper. Checkpointing must wrap the eager unit that compile
+then traces, and FSDP must see the final units to hook its all-gathers around them. The units
+are what each model declares (`distributed/units.py`: ViT blocks, ResNet stages, the DINO
+head); a model that declares none is refused rather than wrapped whole.
 
 DDP: the teacher is never trained, so it is not wrapped. FSDP: the teacher is sharded exactly
 like the student, so the EMA runs shard by shard with no gather. Models with BatchNorm (ResNet)
@@ -21,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dino_dist.config import TrainConfig
 from dino_dist.distributed.env import DistEnv
+from dino_dist.distributed.units import declared_units
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -50,39 +53,42 @@ def wrap_student(student: nn.Module, env: DistEnv) -> nn.Module:
     return DistributedDataParallel(student, device_ids=device_ids, **no_buffer_sync)
 
 
-def block_units(model: nn.Module) -> list[nn.Module]:
-    """The repeated units of a DINO model (student or teacher): transformer blocks, or the
-    four ResNet stages. They are what gets checkpointed, compiled and sharded one by one."""
-    backbone = getattr(model, "backbone", model)
-    if hasattr(backbone, "blocks"):
-        return list(backbone.blocks)
-    return [getattr(backbone, f"layer{i}") for i in range(1, 5) if hasattr(backbone, f"layer{i}")]
-
-
 def apply_block_options(model: nn.Module, train: TrainConfig) -> None:
-    """Activation checkpointing, then compile, per block; in place, parameter names unchanged."""
-    for unit in block_units(model):
-        if train.activation_checkpointing:
-            from torch.distributed._composable import checkpoint as checkpoint_activations
+    """Activation checkpointing, then compile, on the units the model declares; in place,
+    parameter names unchanged."""
+    units = declared_units(model)
+    if train.activation_checkpointing:
+        from torch.distributed._composable import checkpoint as checkpoint_activations
+        for unit in units.checkpoint:
             checkpoint_activations(unit)
-        if train.compile:
+    if train.compile:
+        for unit in units.compile:
             unit.compile()
 
 
 def shard(model: nn.Module, precision: str) -> nn.Module:
-    """FSDP2 per block, then the root. bf16: bf16 compute, fp32 master weights and reduction."""
+    """FSDP2 per declared unit, then the root. bf16: bf16 compute, fp32 master weights and
+    reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    units = list(declared_units(model).shard)
+    if not units:  # one whole-model unit would gather every parameter at once
+        raise TypeError(f"{type(model).__name__} declares no units to shard")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
-    for unit in block_units(model):
+    for unit in units[:-1]:
         fully_shard(unit, mp_policy=policy)
+    # Backward starts with the unit forward ended with (the DINO head): resharding it after
+    # forward would only all-gather it again at once. After a forward with no backward,
+    # release_gathered_parameters frees it.
+    fully_shard(units[-1], mp_policy=policy, reshard_after_forward=False)
     return fully_shard(model, mp_policy=policy)
 
 
 def prepare_models(student: nn.Module, teacher: nn.Module, env: DistEnv,
                    train: TrainConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(module to run forward/backward on, student, teacher), all options applied."""
+    """(module to run forward/backward on, student, teacher), all options applied. Both
+    models must declare their units (`apply_block_options` asks them in every run)."""
     student, teacher = place_models(student, teacher, env)
     apply_block_options(student, train)
     # The teacher never runs backward: recomputing its activations would buy nothing.
@@ -94,11 +100,15 @@ def prepare_models(student: nn.Module, teacher: nn.Module, env: DistEnv,
 
 
 def release_gathered_parameters(model: nn.Module) -> None:
-    """Free what a sharded root gathered for its last forward (a no-op when not sharded).
+    """Free what sharded modules gathered for their last forward (a no-op when not sharded).
 
-    FSDP2 keeps a root's gathered parameters until its backward. A forward with no backward
-    after it (the teacher, evaluation) must release them: otherwise the next forward would
-    reuse them even after the shards changed (the teacher's EMA).
+    FSDP2 keeps the gathered parameters of the root and of the last unit (`shard`) until
+    their backward. A forward with no backward after it (the teacher, evaluation) must release
+    them: otherwise the next forward would reuse them even after the shards changed (the
+    teacher's EMA). `reshard` is per module, not recursive.
     """
-    if hasattr(model, "reshard"):
-        model.reshard()
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

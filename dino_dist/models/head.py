@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dino_dist.distributed.units import ParallelUnits
+
 INIT_STD = 0.02
 
 
@@ -71,6 +73,12 @@ class DINOHead(nn.Module):
         # DINO paper found stabilises training.
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
+
+    def parallel_units(self) -> ParallelUnits:
+        """One shard unit: with many prototypes the head is as large as a ViT-S backbone,
+        too much to keep gathered with the root. Three matmuls: nothing to compile or
+        recompute."""
+        return ParallelUnits(shard=[self])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

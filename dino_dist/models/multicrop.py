@@ -4,6 +4,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn as nn
 
+from dino_dist.distributed.units import ParallelUnits, declared_units
 from dino_dist.models.packing import packs_evenly
 
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -51,6 +52,10 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
         self.packed_crops = packed_crops
+
+    def parallel_units(self) -> ParallelUnits:
+        """The backbone's units, then the head's: the order forward runs them."""
+        return declared_units(self.backbone) + declared_units(self.head)
 
     def forward(self, crops: Crops, output: str = "head") -> torch.Tensor:
         """`output`: "head" (the head's outputs), "backbone" (the backbone's features) or

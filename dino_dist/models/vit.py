@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dino_dist.distributed.units import ParallelUnits
 from dino_dist.models.packing import PackedLayout
 
 LAYER_NORM_EPS = 1e-6
@@ -216,6 +217,11 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def parallel_units(self) -> ParallelUnits:
+        """Each block alone; the embeddings and the final norm stay with the root."""
+        blocks = list(self.blocks)
+        return ParallelUnits(shard=blocks, compile=blocks, checkpoint=blocks)
 
     def pos_embed_for(self, height: int, width: int) -> torch.Tensor:
         rows, cols = height // self.patch_size, width // self.patch_size
