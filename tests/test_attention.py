@@ -20,7 +20,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from dino_dist.checkpoint.export import export, sidecar
+from dino_dist.export.backbone import export, sidecar
 from dino_dist.cli.attention import main as attention_main
 from dino_dist.config import config_from_dict
 from dino_dist.errors import ConfigError

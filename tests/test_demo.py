@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_dist.checkpoint.export import sidecar
+from dino_dist.export.backbone import sidecar
 from dino_dist.config import load_config
 from dino_dist.data import ensure_demo_dataset
 from dino_dist.eval.end_of_run import random_init_backbone

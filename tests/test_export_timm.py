@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dino_dist.checkpoint.export import TIMM_MODELS, timm_model_for
+from dino_dist.export.backbone import TIMM_MODELS, timm_model_for
 from dino_dist.cli.export import main as export_main
 from dino_dist.errors import CheckpointError
 from dino_dist.models import build_backbone

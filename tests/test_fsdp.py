@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_dist.checkpoint.export import export, sidecar
+from dino_dist.export.backbone import export, sidecar
 from dino_dist.models import build_backbone
 from dino_dist.checkpoint.directory import COMMIT_MARKER as MARKER
 from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,

@@ -2,9 +2,9 @@
 
 The rule. LAYERS lists the rooms of the package, lowest first; a module may import from its
 own row or a lower one, never a higher one, so a low room can be read, tested and reused
-without anything above it. Rooms in one SIBLINGS group may not import each other at all. No
-import may close a cycle, inside one row too. A file no row claims fails, so that a new file
-gets a place on the map.
+without anything above it. Rooms in one SIBLINGS group may not import each other at all, and
+FORBIDDEN names arrows refused whatever the rows say. No import may close a cycle, inside one
+row too. A file no row claims fails, so that a new file gets a place on the map.
 
 An arrow is every `import` / `from ... import`, at module level or inside a function (a lazy
 import still runs), except under `if TYPE_CHECKING:` (never runs). Imports from outside
@@ -36,6 +36,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("data", ["dino_dist/data/"]),
     ("models", ["dino_dist/models/"]),
     ("checkpoint", ["dino_dist/checkpoint/"]),
+    # Export reads checkpoints and names the architectures the weights fit; eval reads exports.
+    ("export", ["dino_dist/export/"]),
     ("observe", ["dino_dist/observe/"]),
     ("eval", ["dino_dist/eval/"]),
     ("training", ["dino_dist/training/"]),
@@ -46,6 +48,9 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 # Rooms (first folder or file under dino_dist/) that must not import each other either way.
 SIBLINGS: list[set[str]] = [{"data", "models"}, {"checkpoint", "observe"}, {"cluster", "bench"}]
+# Arrows refused wherever the rows put the rooms, so that no edit of the map allows them. The
+# checkpoint layer is bytes on disk: it never builds a model, nor knows how one is trained.
+FORBIDDEN: dict[str, set[str]] = {"checkpoint": {"models", "training"}}
 
 
 class Import(NamedTuple):
@@ -160,7 +165,9 @@ def layer_failure(imp: Import, target_file: str) -> str | None:
     if src is None or dst is None:
         return None  # already reported once as "not in any layer"
     a, b = room_of(imp.path), room_of(target_file)
-    if a != b and any({a, b} <= group for group in SIBLINGS):
+    if b in FORBIDDEN.get(a, ()):
+        why = f"{a} may never import {b}"
+    elif a != b and any({a, b} <= group for group in SIBLINGS):
         why = f"{a} may not import {b}: they are siblings"
     elif dst > src:
         why = f"{a} may not import {b}: {b} is a higher layer"
@@ -190,6 +197,14 @@ def test_package_respects_the_layer_order():
         pytest.fail(f"{len(failures)} layer failures:\n" + "\n".join(failures), pytrace=False)
 
 
+def test_checkpoint_imports_neither_models_nor_training():
+    files, graph = package_files(PACKAGE), module_graph(PACKAGE)
+    arrows = [f"{i.path}:{i.lineno} `{i.text}`" for imps in graph.values() for i in imps
+              if room_of(i.path) == "checkpoint"
+              and room_of(files[i.target]) in FORBIDDEN["checkpoint"]]
+    assert arrows == []
+
+
 # The checker itself, on small synthetic packages, so it cannot pass by finding nothing.
 
 def make_package(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -214,11 +229,24 @@ def test_a_cycle_is_found(tmp_path):
 
 def test_an_upward_import_is_found(tmp_path):
     upward = "import os\nfrom ..training import build\n"
-    root = make_package(tmp_path, {"training/build.py": "", "checkpoint/sharded.py": upward})
+    root = make_package(tmp_path, {"training/build.py": "", "observe/console.py": upward})
     assert check(root) == [
-        "dino_dist/checkpoint/sharded.py:2 imports dino_dist.training.build via "
-        "`from ..training import build` (checkpoint may not import training: "
+        "dino_dist/observe/console.py:2 imports dino_dist.training.build via "
+        "`from ..training import build` (observe may not import training: "
         "training is a higher layer)"]
+
+
+def test_a_forbidden_import_is_found_even_where_the_rows_allow_it(tmp_path):
+    root = make_package(tmp_path, {
+        "models/vit.py": "", "training/loop.py": "",
+        "checkpoint/reader.py": "from dino_dist.models import vit\n",
+        "checkpoint/writer.py": "def save():\n    import dino_dist.training.loop\n"})
+    assert layer_of("dino_dist/checkpoint/reader.py") > layer_of("dino_dist/models/vit.py")
+    assert check(root) == [
+        "dino_dist/checkpoint/reader.py:1 imports dino_dist.models.vit via "
+        "`from dino_dist.models import vit` (checkpoint may never import models)",
+        "dino_dist/checkpoint/writer.py:2 imports dino_dist.training.loop via "
+        "`import dino_dist.training.loop` (checkpoint may never import training)"]
 
 
 def test_siblings_may_not_import_each_other(tmp_path):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from dino_dist.checkpoint.directory import CHECKPOINT_PATTERN
 from dino_dist.cli.command import is_extra_rank, report_error
-from dino_dist.checkpoint.export import SAFETENSORS_SUFFIX, FORMATS, export, sidecar
 from dino_dist.errors import CheckpointError
+from dino_dist.export.backbone import FORMATS, SAFETENSORS_SUFFIX, export, sidecar
 
 
 

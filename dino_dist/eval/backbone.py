@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from dino_dist.checkpoint.export import backbone_weights, read_exported, sidecar
+from dino_dist.export.backbone import backbone_weights, read_exported, sidecar
 from dino_dist.checkpoint.reader import read_whole
 from dino_dist.config import Config, config_from_dict
 from dino_dist.models import build_backbone
