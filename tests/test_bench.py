@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from torch import nn
 
 from dino_dist.bench.floor import ModelFloor
 from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
+from dino_dist.bench import phases
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop
 from tests.conftest import REPO, subprocess_env, write_image_folder
@@ -99,18 +99,34 @@ def test_bad_step_count_is_refused_by_the_parser():
     assert result.returncode == 2 and "--steps must be at least 1" in result.stderr
 
 
-def test_phase_clock_charges_time_to_the_phase_that_ends():
+class SteppedTime:
+    """Stands in for the time module inside bench.phases: the clock moves only when the test
+    moves it, so the charged seconds are exact whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_phase_clock_charges_time_to_the_phase_that_ends(monkeypatch):
+    fake = SteppedTime()
+    monkeypatch.setattr(phases, "time", fake)
     clock = PhaseClock(torch.device("cpu"))
+    clock.mark("data")  # not started: nothing is recorded
+    fake.now += 5.0  # nor is the time before start()
     clock.start()
-    time.sleep(0.02)
+    fake.now += 0.25
     clock.mark("loss")
-    time.sleep(0.06)
+    fake.now += 0.75
     clock.mark("optimizer")
-    clock.mark("loss")
-    assert clock.seconds["loss"] < clock.seconds["optimizer"]
-    shares = clock.shares()
-    assert set(shares) == {"loss", "optimizer"} and sum(shares.values()) == pytest.approx(1, abs=1e-3)
-    assert shares["optimizer"] == pytest.approx(0.75, abs=0.15)
+    clock.mark("loss")  # no time passed since the last mark
+    clock.stop()
+    fake.now += 1.0
+    clock.mark("ema")  # stopped: nothing is recorded
+    assert dict(clock.seconds) == {"loss": 0.25, "optimizer": 0.75}
+    assert clock.shares() == {"loss": 0.25, "optimizer": 0.75}
 
 
 class TwoLayers(nn.Module):

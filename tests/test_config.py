@@ -1,6 +1,7 @@
 """Config loading, overrides, and the one-line messages for user mistakes."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -29,10 +30,20 @@ def test_default_is_the_demo():
     assert cfg.data.path == "demo" and cfg.eval.knn_at_end
 
 
-@pytest.mark.parametrize("config", ["demo.yaml", "vit_small_16.yaml", "vit_base_16.yaml",
-                                    "resnet50.yaml"])
-def test_shipped_configs_load(config):
-    load_config(REPO / "configs" / config)
+def assert_holds(section, values: dict, where: str = "") -> None:
+    """Every value a YAML tree sets is the value the loaded config section holds."""
+    for key, value in values.items():
+        held = getattr(section, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(held):
+            assert_holds(held, value, f"{where}{key}.")
+        else:
+            assert held == value, f"{where}{key}: the file says {value!r}, the config holds {held!r}"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_shipped_configs_load_with_every_value_they_set(config):
+    path = REPO / "configs" / config
+    assert_holds(load_config(path), yaml.safe_load(path.read_text()))
 
 
 def test_paper_recipe_values():

@@ -91,9 +91,15 @@ def test_periodic_evaluation_changes_nothing_in_training(tmp_path):
     for part in ("student", "teacher", "loss"):
         for key, tensor in b[part].items():
             assert torch.equal(a[part][key], tensor), f"{part}.{key}"
+    # The evaluations really ran, at both epoch ends, else 'changes nothing' proves nothing.
+    records = [json.loads(line) for line in (evaluated / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in evaluations] == [4, 8]
+    assert all(0 <= r["knn_top1"] <= 100 and r["val_loss"] > 0 for r in evaluations)
     summary = json.loads((evaluated / "training_summary.json").read_text())
     assert summary["stop_reason"] == "completed" and summary["best"]["metric"] == "knn_top1"
-    assert summary["final_metrics"]["knn_top1"] >= 0
+    assert summary["best"]["best"] == max(r["knn_top1"] for r in evaluations)
+    assert summary["final_metrics"]["knn_top1"] == evaluations[-1]["knn_top1"]
 
 
 def test_a_run_stopped_by_non_finite_steps_says_so_in_its_summary(tmp_path):
