@@ -32,8 +32,9 @@ def slurm():
     started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True,
                              timeout=600)
     if started.returncode != 0 or shutil.which("sbatch") is None:
-        reason = (f"SLURM TESTS SKIPPED: slurm/local-cluster.sh start failed: "
-                  f"{started.stderr.strip()[-500:]}")
+        reason = (f"SLURM TESTS SKIPPED: they need SLURM, a local one-node cluster that "
+                  f"slurm/local-cluster.sh start sets up as root (apt-get, daemons); it failed: "
+                  f"{started.stderr.strip()[-500:] or 'sbatch is not on PATH'}")
         warnings.warn(reason)
         print(f"\n{'!' * 20} {reason} {'!' * 20}", file=sys.stderr)
         pytest.skip(reason)
