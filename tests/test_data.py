@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dino_dist.data import (
+    CropRecipe,
     DataError,
     LabelledImageDataset,
     MultiCropAugmentation,
@@ -26,7 +27,7 @@ from dino_dist.data import (
     resolve_data_root,
     sample_seed,
 )
-from dino_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_dist.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from dino_dist.data import demo
 from dino_dist.data.demo import CLASS_FOLDERS
 
@@ -38,8 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 
 
 def small_augmentation(n_global: int = 2, n_local: int = 3) -> MultiCropAugmentation:
-    return MultiCropAugmentation(n_global, GLOBAL_SIZE, [0.4, 1.0], n_local, LOCAL_SIZE, [0.05, 0.4],
-                                 batched=False)
+    recipe = CropRecipe(n_global, GLOBAL_SIZE, (0.4, 1.0), n_local, LOCAL_SIZE, (0.05, 0.4))
+    return MultiCropAugmentation(recipe, batched=False)
 
 
 def write_image(path: Path, seed: int, size: int = 20, fmt: str | None = None) -> None:
@@ -84,11 +85,11 @@ def test_crops_have_expected_count_size_dtype_and_normalisation():
     assert torch.allclose(first_crop_means.median(dim=0).values, expected, atol=0.2)
 
 
-def test_augmentation_rejects_bad_settings():
+def test_recipe_rejects_bad_settings():
     with pytest.raises(DataError, match="global_crops_scale"):
-        MultiCropAugmentation(2, 24, [0.0, 1.0], 0, 12, [0.05, 0.4], batched=False)
+        CropRecipe(2, 24, (0.0, 1.0), 0, 12, (0.05, 0.4))
     with pytest.raises(DataError, match="global_crops_number"):
-        MultiCropAugmentation(0, 24, [0.4, 1.0], 2, 12, [0.05, 0.4], batched=False)
+        CropRecipe(0, 24, (0.4, 1.0), 2, 12, (0.05, 0.4))
 
 
 def test_eval_transform_output_shape_and_dtype():

@@ -20,14 +20,14 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-from dino_dist.data import (DataError, DecodedBatch, MultiCropAugmentation, MultiCropDataset,
-                            build_train_loader, crops_on_device, loader_transform)
+from dino_dist.data import (CropRecipe, DataError, DecodedBatch, MultiCropAugmentation,
+                            MultiCropDataset, build_train_loader, crops_on_device, loader_transform)
 from dino_dist.data import crop_params, device_augment
-from dino_dist.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_dist.data.crop_params import (BLUR_ON, BRIGHTNESS, CONTRAST, COLUMNS, FLIP, GRAY, HEIGHT,
                                         HUE, JITTER_ON, LEFT, ORDER, SATURATION, SIGMA,
-                                        SOLARIZE_ON, TOP, WIDTH, CropParamSampler, CropRecipe,
+                                        SOLARIZE_ON, TOP, WIDTH, CropParamSampler,
                                         draw_crop_params)
+from dino_dist.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from dino_dist.data.device_augment import (augment_batch, collate_decoded, colour_jitter,
                                            cut_and_resize, gaussian_blur, grayscale, normalise_,
                                            solarize)
@@ -110,8 +110,7 @@ def device_crops(samples: list, mutate=None, batch_size: int = 250) -> list[torc
 
 
 def cpu_crops(photos: Path, batched: bool, count: int) -> list[torch.Tensor]:
-    augmentation = MultiCropAugmentation(2, GLOBAL_SIZE, (0.4, 1.0), 2, LOCAL_SIZE, (0.05, 0.4),
-                                         batched=batched)
+    augmentation = MultiCropAugmentation(RECIPE, batched=batched)
     dataset = MultiCropDataset(photos, augmentation, seed=1)
     return [torch.stack(position) for position in zip(*(dataset[key][0] for key in sample_keys(count)))]
 
@@ -208,7 +207,7 @@ def reference_boxes(sizes: torch.Tensor, scale: tuple[float, float]) -> torch.Te
                          for h, w in sizes.int().tolist()], dtype=torch.float32)
 
 
-def test_crop_boxes_follow_random_resized_crop(drawn, monkeypatch):
+def test_crop_boxes_follow_random_resized_crop(drawn):
     params = torch.stack([sample.params for sample, _, _ in drawn])
     sizes = torch.tensor([sample.image.shape[-2:] for sample, _, _ in drawn], dtype=torch.float32)
     tolerance = 0.025  # per bin, about 4.5 standard errors of a difference with 6,000 boxes
@@ -221,10 +220,9 @@ def test_crop_boxes_follow_random_resized_crop(drawn, monkeypatch):
         for a, b in zip(ours, theirs):
             assert (a - b).abs().max() < tolerance, (group, a, b)
     # A slightly wrong aspect-ratio range, drawn by the same code, is caught.
-    monkeypatch.setattr(crop_params, "RATIO", (0.7, 1 / 0.7))
     local = RECIPE.groups[1]
     group_sizes = sizes.repeat_interleave(2, dim=0)
-    planted = torch.cat([crop_params.draw_boxes(int(h), int(w), 1, local.scale)
+    planted = torch.cat([crop_params.draw_boxes(int(h), int(w), 1, local.scale, (0.7, 1 / 0.7))
                          for h, w in group_sizes.int().tolist()])
     theirs = box_histograms(reference_boxes(group_sizes, local.scale), group_sizes)
     assert (box_histograms(planted, group_sizes)[1] - theirs[1]).abs().max() > tolerance
@@ -291,7 +289,7 @@ def test_grayscale_blur_solarize_normalise_match_torchvision():
     x, params = smooth_crops(32, 16), random_params(32)
     for crop, row, gray, blurred, solarized in zip(
             x, params, grayscale(x, params), gaussian_blur(x, params, (0.1, 2.0)),
-            solarize(x, params)):
+            solarize(x, params, RECIPE.solarize_threshold)):
         if row[GRAY]:
             assert torch.allclose(gray, TF.rgb_to_grayscale(crop, 3), atol=1e-6)
         else:

@@ -1,5 +1,5 @@
-"""Data: multi-crop augmentation (in the loader or on the device), image folders, the demo
-dataset and the train loader."""
+"""Data: multi-crop augmentation (in the loader or on the device; recipe.py holds the recipe
+and says which path is used when), image folders, the demo dataset and the train loader."""
 
 from .augment import MultiCropAugmentation, eval_transform, sample_seed
 from .demo import default_demo_dir, ensure_demo_dataset
@@ -7,9 +7,11 @@ from .device_augment import DecodedBatch, crops_on_device
 from .folder import DataError, LabelledImageDataset, MultiCropDataset, find_images
 from .loader import (build_train_loader, collate_multicrop, demo_val_root, loader_transform,
                      resolve_data_root)
+from .recipe import CropRecipe
 from .sampler import ShardedEpochSampler
 
 __all__ = [
+    "CropRecipe",
     "DataError",
     "DecodedBatch",
     "LabelledImageDataset",

@@ -5,14 +5,12 @@ through its own transform chain, and every torchvision uint8 op converts to floa
 Here the crops of one size are cut (uint8), stacked, turned to float once, and every
 photometric step runs on the whole stack with per-crop random parameters:
 
-- colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with probability 0.8,
-  in a random order per crop, as torchvision's ColorJitter does;
-- grayscale with probability 0.2; Gaussian blur and solarize with per-crop probabilities
-  (the DINO recipe differs between the first global crop, the second and the locals);
-- ImageNet normalisation.
+colour jitter in a random order per crop (as torchvision's ColorJitter), grayscale, Gaussian
+blur, solarize and ImageNet normalisation, with the probabilities and ranges of the recipe
+(recipe.py, which also says when this path is used).
 
 The math of each step is torchvision's float math (blend formulas, HSV hue shift, solarize
-at 128/255); only the rounding to uint8 between steps is gone. Every random draw comes from
+threshold); only the rounding to uint8 between steps is gone. Every random draw comes from
 torch's global RNG, so seeding it makes the crops reproducible.
 """
 from __future__ import annotations
@@ -26,14 +24,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .recipe import (IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, ColourJitter, CropGroupSpec,
+                     CropRecipe)
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
-JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
-SOLARIZE_THRESHOLD = 128 / 255
-RATIO = (3 / 4, 4 / 3)
-MAX_BLUR_RADIUS = 6  # kernel 13: covers 3 sigma of the recipe's largest sigma (2 px)
 
 
 def _uniform(n: int, low: float, high: float) -> torch.Tensor:
@@ -102,21 +96,18 @@ def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 _JITTER_OPS = (_brightness, _contrast, _saturation, _hue_)
 
 
-def colour_jitter(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchvision ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8, per crop, random order per crop.
+def colour_jitter(x: torch.Tensor, jitter: ColourJitter) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ColorJitter with `jitter`'s strengths and probability, per crop, in a
+    random order per crop.
 
-    For each of the four slots of the order, the crops are sorted by the op they take in that
+    The device path (device_augment.colour_jitter) applies the same draws without reading
+    anything on the host; this one reads the draws to skip the work: for each of the four slots of the order, the crops are sorted by the op they take in that
     slot, so every op runs once, in place, on a contiguous slice (no scatter back). Returns
     the jittered rows in their new order and, per row, the index of the crop it holds.
     """
     n = x.shape[0]
-    applied = torch.rand(n) < JITTER_P
-    factors = torch.stack([
-        _uniform(n, 1 - JITTER["brightness"], 1 + JITTER["brightness"]),
-        _uniform(n, 1 - JITTER["contrast"], 1 + JITTER["contrast"]),
-        _uniform(n, 1 - JITTER["saturation"], 1 + JITTER["saturation"]),
-        _uniform(n, -JITTER["hue"], JITTER["hue"]),
-    ], dim=1)
+    applied = torch.rand(n) < jitter.p
+    factors = torch.stack([_uniform(n, low, high) for low, high in jitter.ranges()], dim=1)
     order = torch.argsort(torch.rand(n, 4), dim=1)  # one random permutation per crop
     position = torch.arange(n)  # which original crop each row of x holds
     if not applied.any():
@@ -135,8 +126,8 @@ def colour_jitter(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x, position
 
 
-def random_grayscale(x: torch.Tensor) -> torch.Tensor:
-    chosen = (torch.rand(x.shape[0]) < GRAYSCALE_P).nonzero().flatten()
+def random_grayscale(x: torch.Tensor, probability: float) -> torch.Tensor:
+    chosen = (torch.rand(x.shape[0]) < probability).nonzero().flatten()
     if chosen.numel():
         x.index_copy_(0, chosen, gray(x.index_select(0, chosen)).expand(-1, 3, -1, -1))
     return x
@@ -176,12 +167,12 @@ def random_blur(x: torch.Tensor, probabilities: torch.Tensor, sigma_range: Seque
     return x
 
 
-def random_solarize(x: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-    """x -> 1 - x where x >= 128/255, crop i with probability probabilities[i] (as solarize)."""
+def random_solarize(x: torch.Tensor, probabilities: torch.Tensor, threshold: float) -> torch.Tensor:
+    """x -> 1 - x where x >= threshold, crop i with probability probabilities[i] (as solarize)."""
     chosen = (torch.rand(x.shape[0]) < probabilities).nonzero().flatten()
     if chosen.numel():
         picked = x.index_select(0, chosen)
-        bright = (picked >= SOLARIZE_THRESHOLD).to(picked.dtype)
+        bright = (picked >= threshold).to(picked.dtype)
         x.index_copy_(0, chosen, picked.addcmul_(bright, 1 - 2 * picked))
     return x
 
@@ -192,38 +183,33 @@ _NORM_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * _NORM_SCALE
 
 
 class CropGroup:
-    """`count` random-resized crops of one size from one image, with DINO's photometric steps.
+    """The crops of one size from one image (`group` of `recipe`), with DINO's photometric steps."""
 
-    `blur_p` and `solarize_p` hold one probability per crop of the group.
-    """
-
-    def __init__(self, size: int, scale: Sequence[float], blur_p: Sequence[float],
-                 solarize_p: Sequence[float], blur_sigma: Sequence[float]):
-        if len(blur_p) != len(solarize_p):
-            raise ValueError("blur_p and solarize_p need one probability per crop")
-        self.size, self.scale = size, tuple(scale)
-        self.blur_p = torch.tensor(blur_p, dtype=torch.float32)
-        self.solarize_p = torch.tensor(solarize_p, dtype=torch.float32)
-        self.blur_sigma = tuple(blur_sigma)
+    def __init__(self, recipe: CropRecipe, group: CropGroupSpec):
+        self.recipe, self.size, self.scale = recipe, group.size, tuple(group.scale)
+        self.blur_p = recipe.blur_p()[group.start:group.stop]
+        self.solarize_p = recipe.solarize_p()[group.start:group.stop]
 
     def __len__(self) -> int:
         return len(self.blur_p)
 
     def _cut(self, image: torch.Tensor) -> torch.Tensor:
-        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, RATIO)
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale,
+                                                                self.recipe.ratio)
         crop = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
                                interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return crop.flip(-1) if torch.rand(1).item() < FLIP_P else crop
+        return crop.flip(-1) if torch.rand(1).item() < self.recipe.flip_p else crop
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        recipe = self.recipe
         crops = torch.stack([self._cut(image) for _ in range(len(self))])
         x = crops.to(torch.float32).div_(255)
         # Rows come back from the jitter reordered; later steps draw per row with the
         # probabilities of the crop each row holds, and the list is put back in crop order.
-        x, position = colour_jitter(x)
-        x = random_grayscale(x)
-        x = random_blur(x, self.blur_p[position], self.blur_sigma)
-        x = random_solarize(x, self.solarize_p[position])
+        x, position = colour_jitter(x, recipe.jitter)
+        x = random_grayscale(x, recipe.grey_p)
+        x = random_blur(x, self.blur_p[position], recipe.blur_sigma)
+        x = random_solarize(x, self.solarize_p[position], recipe.solarize_threshold)
         rows = x.mul_(_NORM_SCALE).add_(_NORM_SHIFT).unbind(0)
         crops_in_order = [None] * len(rows)
         for row, crop_index in zip(rows, position.tolist()):

@@ -4,21 +4,19 @@ A loader process decodes an image and draws, from the sample's private seed, eve
 choice its crops need: the crop box (RandomResizedCrop's rule), flip, colour jitter (whether,
 the four factors and their order), grayscale, blur (whether, sigma) and solarize. One row of
 COLUMNS floats per crop, global crops first; device_augment.py turns the rows into pixels.
-An image far larger than its crops need is shrunk here first (shrink_to_need). The blur and
-solarize probabilities per crop position are the CPU recipe's (augment.blur_and_solarize_p).
+An image far larger than its crops need is shrunk here first (shrink_to_need). Every
+probability and range is the recipe's (recipe.py, which also says when this path is used).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import BLUR_SIGMA, blur_and_solarize_p, check_crops
-from .crop_group import FLIP_P, GRAYSCALE_P, JITTER, JITTER_P, RATIO
+from .recipe import CropRecipe
 
 # Columns of a crop's parameter row. The box is (top, left, height, width) in pixels of the
 # image the loader sends; the flags hold 0 or 1; ORDER.. hold the jitter ops in the order
@@ -36,84 +34,28 @@ CROP_ATTEMPTS = 10  # RandomResizedCrop's tries before its centre-crop fallback
 SHRINK_ABOVE, SHRINK_TO = 4.0, 2.0
 
 
-@dataclass(frozen=True)
-class CropGroupSpec:
-    """The crops of one output size: positions start..stop-1 of the crop list."""
-    start: int
-    stop: int
-    size: int
-    scale: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class CropRecipe:
-    """Counts, sizes and ranges of a run's crops (the `data` settings that shape them)."""
-    global_crops_number: int
-    global_crop_size: int
-    global_crops_scale: tuple[float, float]
-    local_crops_number: int
-    local_crop_size: int
-    local_crops_scale: tuple[float, float]
-    blur_sigma: tuple[float, float] = tuple(BLUR_SIGMA)
-
-    def __post_init__(self) -> None:
-        check_crops("global", self.global_crops_number, self.global_crop_size,
-                     self.global_crops_scale, 1)
-        check_crops("local", self.local_crops_number, self.local_crop_size,
-                     self.local_crops_scale, 0)
-
-    @classmethod
-    def from_config(cls, data: Any) -> "CropRecipe":
-        return cls(data.global_crops_number, data.global_crop_size,
-                   tuple(data.global_crops_scale), data.local_crops_number,
-                   data.local_crop_size, tuple(data.local_crops_scale), tuple(data.blur_sigma))
-
-    @property
-    def crops_number(self) -> int:
-        return self.global_crops_number + self.local_crops_number
-
-    @property
-    def groups(self) -> list[CropGroupSpec]:
-        g = self.global_crops_number
-        groups = [CropGroupSpec(0, g, self.global_crop_size, self.global_crops_scale)]
-        if self.local_crops_number:
-            groups.append(CropGroupSpec(g, self.crops_number, self.local_crop_size,
-                                        self.local_crops_scale))
-        return groups
-
-    def blur_p(self) -> torch.Tensor:
-        return torch.tensor(blur_and_solarize_p(self.global_crops_number,
-                                                self.local_crops_number)[0])
-
-    def solarize_p(self) -> torch.Tensor:
-        return torch.tensor(blur_and_solarize_p(self.global_crops_number,
-                                                self.local_crops_number)[1])
-
-    def output_sizes(self) -> torch.Tensor:
-        return torch.tensor([self.global_crop_size] * self.global_crops_number
-                            + [self.local_crop_size] * self.local_crops_number, dtype=torch.float64)
-
-
-def _fallback_box(height: int, width: int) -> tuple[int, int, int, int]:
+def _fallback_box(height: int, width: int,
+                  ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """RandomResizedCrop's centre crop when no attempt fits: the whole image, ratio clamped."""
     in_ratio = width / height
-    if in_ratio < min(RATIO):
-        w, h = width, int(round(width / min(RATIO)))
-    elif in_ratio > max(RATIO):
-        w, h = int(round(height * max(RATIO))), height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def draw_boxes(height: int, width: int, count: int, scale: Sequence[float]) -> torch.Tensor:
+def draw_boxes(height: int, width: int, count: int, scale: Sequence[float],
+               ratio: tuple[float, float]) -> torch.Tensor:
     """`count` RandomResizedCrop boxes [count, 4] (top, left, height, width), all tries at once.
 
     The same rule as torchvision's get_params: area fraction ~ U(scale), log aspect ratio
-    ~ U(log 3/4, log 4/3), the first of 10 tries that fits, else the centre-crop fallback.
+    ~ U(log ratio), the first of 10 tries that fits, else the centre-crop fallback.
     """
     area = height * width
-    log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     target = torch.empty(count, CROP_ATTEMPTS, dtype=torch.float64).uniform_(*scale) * area
     aspect = torch.empty(count, CROP_ATTEMPTS, dtype=torch.float64).uniform_(*log_ratio).exp_()
     w = torch.sqrt(target * aspect).round_()
@@ -122,7 +64,7 @@ def draw_boxes(height: int, width: int, count: int, scale: Sequence[float]) -> t
     first_fit = fits.to(torch.uint8).argmax(dim=1, keepdim=True)
     found = fits.any(dim=1)
     top_u, left_u = torch.rand(2, count, dtype=torch.float64)
-    f_top, f_left, f_h, f_w = _fallback_box(height, width)
+    f_top, f_left, f_h, f_w = _fallback_box(height, width, ratio)
     h = torch.where(found, h.gather(1, first_fit).squeeze(1), float(f_h))
     w = torch.where(found, w.gather(1, first_fit).squeeze(1), float(f_w))
     # randint(0, n - size + 1) of get_params; the clamp guards u * n rounding up to n.
@@ -139,15 +81,13 @@ def draw_crop_params(height: int, width: int, recipe: CropRecipe) -> torch.Tenso
     params = torch.zeros(n, COLUMNS, dtype=torch.float64)
     for group in recipe.groups:
         params[group.start:group.stop, TOP:WIDTH + 1] = draw_boxes(
-            height, width, group.stop - group.start, group.scale)
-    params[:, FLIP] = torch.rand(n) < FLIP_P
-    params[:, JITTER_ON] = torch.rand(n) < JITTER_P
-    for column, name in ((BRIGHTNESS, "brightness"), (CONTRAST, "contrast"),
-                         (SATURATION, "saturation")):
-        params[:, column].uniform_(1 - JITTER[name], 1 + JITTER[name])
-    params[:, HUE].uniform_(-JITTER["hue"], JITTER["hue"])
+            height, width, group.stop - group.start, group.scale, recipe.ratio)
+    params[:, FLIP] = torch.rand(n) < recipe.flip_p
+    params[:, JITTER_ON] = torch.rand(n) < recipe.jitter.p
+    for op, (low, high) in enumerate(recipe.jitter.ranges()):
+        params[:, BRIGHTNESS + op].uniform_(low, high)
     params[:, ORDER:ORDER + 4] = torch.argsort(torch.rand(n, 4), dim=1)
-    params[:, GRAY] = torch.rand(n) < GRAYSCALE_P
+    params[:, GRAY] = torch.rand(n) < recipe.grey_p
     params[:, BLUR_ON] = torch.rand(n) < recipe.blur_p()
     params[:, SIGMA].uniform_(*recipe.blur_sigma)
     params[:, SOLARIZE_ON] = torch.rand(n) < recipe.solarize_p()

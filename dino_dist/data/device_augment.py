@@ -9,7 +9,8 @@ Nothing here reads a device value on the host (no .item(), no boolean-mask index
 data-dependent shapes): per-crop choices are torch.where and arithmetic gating, so a CUDA
 step queues all of it without waiting. Crops not taking an op pass through it exactly
 (a blend factor of 1, a delta blur kernel, a where that keeps them). The math is that of
-crop_group.py (torchvision's float formulas), laid out for the device.
+crop_group.py (torchvision's float formulas), laid out for the device; every probability and
+range is the recipe's (recipe.py, which also says when this path is used).
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .crop_group import (IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, SOLARIZE_THRESHOLD, gray,
-                         per_crop, rotate_hue)
+from .crop_group import gray, per_crop, rotate_hue
 from .crop_params import (BLUR_ON, BRIGHTNESS, COLUMNS, CONTRAST_OP, FLIP, GRAY, HEIGHT, HUE,
                           HUE_OP, JITTER_ON, LEFT, ORDER, SATURATION, SATURATION_OP, SIGMA,
-                          SOLARIZE_ON, TOP, WIDTH, CropRecipe, DecodedSample)
+                          SOLARIZE_ON, TOP, WIDTH, DecodedSample)
+from .recipe import IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, CropRecipe
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare tensors
@@ -118,9 +119,11 @@ def _blend_step(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor,
 
 
 def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) where drawn, in each crop's own order of the four ops.
+    """torchvision's ColorJitter with the factors, order and on/off drawn in `params` (from
+    the recipe's jitter, crop_params.py), in each crop's own order of the four ops.
 
-    Hue, the costly op, runs once over the stack: each crop's three blends are split into
+    crop_group.colour_jitter draws the same and skips the crops and ops not drawn; this one
+    reads nothing on the host, so it gates instead. Hue, the costly op, runs once over the stack: each crop's three blends are split into
     those before its hue and those after, three gated blend steps on each side.
     """
     applied = params[:, JITTER_ON] > 0.5
@@ -170,8 +173,8 @@ def gaussian_blur(x: torch.Tensor, params: torch.Tensor, sigma_range: tuple[floa
     return planes.view(rows, channels, height, width)
 
 
-def solarize(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    flip_bright = per_crop(params[:, SOLARIZE_ON] > 0.5) & (x >= SOLARIZE_THRESHOLD)
+def solarize(x: torch.Tensor, params: torch.Tensor, threshold: float) -> torch.Tensor:
+    flip_bright = per_crop(params[:, SOLARIZE_ON] > 0.5) & (x >= threshold)
     return torch.where(flip_bright, 1 - x, x)
 
 
@@ -198,7 +201,7 @@ def augment_batch(batch: DecodedBatch) -> list[torch.Tensor]:
         x = colour_jitter(x, params)
         x = grayscale(x, params)
         x = gaussian_blur(x, params, recipe.blur_sigma)
-        x = normalise_(solarize(x, params))
+        x = normalise_(solarize(x, params, recipe.solarize_threshold))
         crops.extend(x.view(count, batch_size, 3, group.size, group.size).unbind(0))
     return crops
 

@@ -11,10 +11,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .augment import MultiCropAugmentation
-from .crop_params import CropParamSampler, CropRecipe
+from .crop_params import CropParamSampler
 from .demo import ensure_demo_dataset
 from .device_augment import collate_decoded
 from .folder import DataError, MultiCropDataset, find_images
+from .recipe import CropRecipe
 from .sampler import ShardedEpochSampler
 
 DEMO = "demo"
@@ -50,7 +51,8 @@ def collate_multicrop(
 
 def loader_transform(cfg: Any) -> Callable[[torch.Tensor], Any]:
     """What a loader process does to each decoded image: all crops (cpu), or only draw
-    their parameters, the crops being made on the training device (gpu)."""
+    their parameters, the crops being made on the training device (gpu); recipe.py says
+    which path serves when."""
     if cfg.augment_on == "gpu":
         return CropParamSampler.from_config(cfg)
     return MultiCropAugmentation.from_config(cfg)
