@@ -8,8 +8,10 @@ from the signal to the committed checkpoint, steps lost) are printed with `-n 0 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -228,3 +230,31 @@ def test_wait_follows_a_job_to_its_end_and_gives_up_on_unknown_ids(slurm, tmp_pa
                           "exit 3"], capture_output=True, text=True, check=True)
     assert wait_slurm(out.stdout.strip(), poll_s=0.5) == "FAILED"
     assert wait_slurm("999999", poll_s=0.1) == "UNKNOWN to squeue"
+
+
+def test_a_requeue_takes_over_its_own_lock_at_once(slurm, images, tmp_path):
+    """The job's first run is SIGKILLed, so its lock stays behind (as after a node failure);
+    `scontrol requeue` starts the same job again, whose run takes the lock over at once as
+    its own (same job id, a later restart) and completes."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, run_dir, **{"train.epochs": 2, "checkpoint.every_steps": 2})
+    env = {**subprocess_env(), "DINO_PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--time=10",
+                          f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch",
+                          "--config", "configs/demo.yaml", *overrides],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    job = out.stdout.strip()
+    wait_for_steps(run_dir, job, 3)
+    lock = json.loads((run_dir / "owner.lock").read_text())
+    assert (lock["job"], lock["restart"]) == (f"slurm:{job}", [0, 0]), lock
+    os.kill(lock["pid"], signal.SIGKILL)
+    assert wait_final(job, 60) == "FAILED"
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    deadline = time.monotonic() + 30
+    while job_state(job) in FINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert wait_final(job, 240) == "COMPLETED"
+    log = (run_dir / "log.txt").read_text()
+    assert (f"from host {lock['host']}, pid {lock['pid']}, job {job}, started {lock['started']}: "
+            f"this job's earlier run (restart [0, 0])") in log, log[-3000:]
+    assert "resumed from" in log and not (run_dir / "owner.lock").exists()
