@@ -99,8 +99,9 @@ class DataConfig:
     # Gaussian-blur sigma range in pixels; the paper's (0.1, 2.0) is meant for 224 px crops,
     # so small-image runs scale it down with the crop size.
     blur_sigma: list[float] = low_high([0.1, 2.0])
-    # Augment the crops of one size as one batch: ~2x the images/s per loader worker of one
-    # transforms.v2 chain per crop (false), the same recipe, another random stream.
+    # augment_on=cpu: true augments each crop size's crops as one stack, 1.4-2.1x the images/s
+    # per loader worker of false (one transforms.v2 chain per crop, the demo's random stream).
+    # Same recipe either way; data/recipe.py says which path is used when.
     batched_crops: bool = True
     # Where the multi-crop augmentation runs: "cpu" in the loader processes, or "gpu" on the
     # training device, batched over all images of a micro-batch (loader processes then only
