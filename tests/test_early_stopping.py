@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from dino_dist.checkpoint.directory import list_checkpoints
 from dino_dist.checkpoint.reader import load_checkpoint
 from dino_dist.checkpoint.single_file import read_manifest
-from dino_dist.config import ConfigError, load_config
-from dino_dist.eval.periodic import MetricTracker, PeriodicEvaluation
+from dino_dist.eval.periodic import MetricTracker
 from tests.conftest import run_train, tiny_overrides, write_image_folder
 
 
@@ -24,18 +22,6 @@ def test_tracker_counts_evaluations_without_improvement():
     knn = MetricTracker("knn_top1", "max")
     knn.update(40.0, 1, 1)
     assert knn.update(41.0, 2, 2) and not knn.update(41.0, 3, 3)
-
-
-def test_early_stopping_without_a_measured_metric_is_refused(tmp_path):
-    images = write_image_folder(tmp_path / "images", per_class=4)
-    cfg = load_config(None, tiny_overrides(images, tmp_path / "run", **{
-        "train.early_stopping.enabled": "true", "train.early_stopping.metric": "val_loss",
-        "eval.every_epochs": 0}))
-    with pytest.raises(ConfigError, match="eval.every_epochs"):
-        PeriodicEvaluation(cfg, None, None, None)
-    cfg.eval.every_epochs = 1
-    with pytest.raises(ConfigError, match="eval.val_loss_path"):
-        PeriodicEvaluation(cfg, None, None, None)
 
 
 def test_early_stopping_on_two_ranks_stops_together_with_a_final_checkpoint(tmp_path):
