@@ -25,7 +25,8 @@ from dino_dist.bench.images import ensure_bench_images  # noqa: E402
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop, pil_loader  # noqa: E402
 from dino_dist.data import crop_group  # noqa: E402
 from dino_dist.data.augment import MultiCropAugmentation  # noqa: E402
-from dino_dist.data.crop_params import CropParamSampler, CropRecipe  # noqa: E402
+from dino_dist.data.crop_params import CropParamSampler  # noqa: E402
+from dino_dist.data.recipe import CropRecipe  # noqa: E402
 from dino_dist.data.device_augment import augment_batch, collate_decoded  # noqa: E402
 from dino_dist.data.folder import decode_rgb, find_images  # noqa: E402
 
@@ -65,7 +66,8 @@ def main() -> int:
     for name in STEPS:
         setattr(crop_group, name, timing(spent, name, getattr(crop_group, name)))
     crop_group.CropGroup._cut = timing(spent, "cut", crop_group.CropGroup._cut)
-    augmentation = MultiCropAugmentation(2, 224, (0.4, 1.0), 10, 96, (0.05, 0.4), batched=True)
+    augmentation = MultiCropAugmentation(CropRecipe(2, 224, (0.4, 1.0), 10, 96, (0.05, 0.4)),
+                                         batched=True)
     reference = ReferenceMultiCrop((0.4, 1.0), (0.05, 0.4), 10)
     ours = timing(spent, "project_total", lambda f: augmentation(timing(spent, "decode", decode_rgb)(f)))
     theirs = timing(spent, "reference_total", lambda f: reference(timing(spent, "pil_load", pil_loader)(f)))
