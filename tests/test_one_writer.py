@@ -247,3 +247,26 @@ def test_when_an_owner_counts_as_gone(tmp_path):
         sleeper.wait()
     dead = Owner("here", sleeper.pid, "", "", (0, 0), "then")
     assert gone_reason(dead, 0, me) == "its process is dead"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_the_lock_is_taken_once_refused_while_held_and_gone_after_release(
+        hard_links, tmp_path, monkeypatch):
+    """Also on a file system without hard links (some FUSE mounts), where the lock file is
+    created in place instead."""
+    from dino_dist.checkpoint.run_lock import RunLock
+    from dino_dist.errors import RunDirectoryBusy
+
+    if not hard_links:
+        def no_links(*_):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    held = RunLock(tmp_path / "run").acquire()
+    assert held.owned() and held.takeover is None
+    with pytest.raises(RunDirectoryBusy, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path / "run").acquire()
+    held.release()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
+    again = RunLock(tmp_path / "run").acquire()
+    assert again.owned()
+    again.release()

@@ -140,8 +140,19 @@ class RunLock:
             return True
         except FileExistsError:
             return False
+        except OSError:  # a file system without hard links (some FUSE mounts): create in place
+            return self._create_exclusive()
         finally:
             aside.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as lock_file:  # meanwhile a reader finds it young and unreadable: busy
+            lock_file.write(json.dumps(asdict(self.me)))
+        return True
 
     def _take_over(self, gone: Owner) -> bool:
         current, _ = read_lock(self.path)
