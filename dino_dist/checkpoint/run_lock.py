@@ -150,7 +150,8 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as lock_file:  # meanwhile a reader finds it young and unreadable: busy
+        # Until the write below lands, a reader finds the file young and unreadable: busy.
+        with os.fdopen(fd, "w") as lock_file:
             lock_file.write(json.dumps(asdict(self.me)))
         return True
 
