@@ -11,7 +11,8 @@ import torch
 from dino_dist.training.build import build_optimizer, build_student_teacher, seed_everything
 from dino_dist.config import load_config
 from dino_dist.distributed.env import DistEnv
-from dino_dist.training.engine import DinoEngine, NonFiniteLossError
+from dino_dist.errors import NonFiniteLossError
+from dino_dist.training.engine import DinoEngine
 from dino_dist.training.loss import DINOLoss
 from dino_dist.models import last_layer_parameters
 from dino_dist.training.schedules import build_schedules
@@ -62,7 +63,7 @@ def test_short_group_is_an_exact_mean(tmp_path):
 def test_last_layer_frozen_during_first_epochs(tmp_path):
     cfg = tiny_cfg(tmp_path)
     engine = make_engine(cfg)
-    engine.freeze_last_layer_epochs = 1
+    engine.update.freeze_last_layer_epochs = 1
     frozen = [p.detach().clone() for p in engine.last_layer_params]
     engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
     engine.finish_step(1, epoch=0)
@@ -70,22 +71,6 @@ def test_last_layer_frozen_during_first_epochs(tmp_path):
     engine.micro_step(random_crops(4, 0), 2, 1.0, sync_grads=True)
     engine.finish_step(2, epoch=1)
     assert not all(torch.equal(a, b) for a, b in zip(frozen, engine.last_layer_params))
-
-
-@pytest.mark.parametrize("mode", ["per_param", "global"])
-def test_clipping_caps_gradient_norms(tmp_path, mode):
-    cfg = tiny_cfg(tmp_path, **{"optim.clip_grad": 0.01, "optim.clip_mode": mode})
-    engine = make_engine(cfg)
-    engine.clip_mode = mode
-    engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
-    norm_before = engine._clip_gradients()
-    grads = [p.grad for p in engine.trainable if p.grad is not None]
-    norms = torch.stack([g.norm() for g in grads])
-    assert norm_before > 0.01
-    if mode == "per_param":
-        assert norms.max() <= 0.01 * (1 + 1e-4)
-    else:
-        assert norms.norm() == pytest.approx(0.01, rel=1e-3)
 
 
 def test_teacher_is_an_ema_of_the_student(tmp_path):
@@ -96,19 +81,30 @@ def test_teacher_is_an_ema_of_the_student(tmp_path):
     engine.finish_step(1, epoch=1)
     m = float(engine.schedules.momentum[1])
     for t0, t1, s in zip(before, engine.teacher.parameters(), engine.student.parameters()):
-        torch.testing.assert_close(t1, m * t0 + (1 - m) * s.detach(), rtol=1e-5, atol=1e-7)
+        t0, s = t0.double(), s.detach().double()
+        # The engine rounds m to float32, so 1 - m carries a relative error up to ~1e-5:
+        # compare at the scale of the terms, not element by element.
+        scale = max(t0.abs().max(), s.abs().max(), 1e-12)
+        assert (t1.double() - (m * t0 + (1 - m) * s)).abs().max() <= 1e-6 * scale
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs_on_cpu(tmp_path, precision, image_folder):
+@pytest.mark.parametrize("precision, steps", [("bf16", 3), ("fp16", 10)])
+def test_mixed_precision_trains_on_cpu(tmp_path, precision, steps, image_folder):
+    """Finite losses and steps that train. fp16 starts from a loss scale of 2**16, too large
+    for these gradients: the GradScaler skips steps, halving its scale each time, until one
+    fits; the checkpoint holds the scaler as training left it."""
     run_train(tiny_overrides(image_folder, tmp_path, **{
-        "train.precision": precision, "train.max_steps": 3}))
+        "train.precision": precision, "train.max_steps": steps, "train.epochs": 3}))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite
-    state = torch.load(tmp_path / "checkpoints" / "step_00000003.pt", weights_only=True)
+    state = torch.load(tmp_path / "checkpoints" / f"step_{steps:08d}.pt", weights_only=True)
+    skipped = records[-1]["skipped_steps"]
+    assert state["skipped_steps"] == skipped < steps  # some step trained
     if precision == "fp16":
-        assert state["scaler"]["scale"] > 0 and "skipped_steps" in records[-1]
+        assert state["scaler"]["scale"] == 2.0**16 * 0.5**skipped  # no growth: 2,000 steps
+    else:
+        assert state["scaler"] == {} and skipped == 0  # bf16 needs no loss scaling
 
 
 NAN_ON_RANK_1 = """
@@ -166,7 +162,7 @@ def test_non_finite_steps_on_one_rank_are_skipped_then_stop_every_rank(tmp_path,
 def test_fp16_step_with_overflowing_gradients_is_skipped_and_counted(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"train.precision": "fp16"})
     engine = make_engine(cfg)
-    engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # gradients overflow
+    engine.update.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126)  # gradients overflow
     before = [p.detach().clone() for p in engine.trainable]
     engine.micro_step(random_crops(4, 0), 1, 1.0, sync_grads=True)
     result = engine.finish_step(1, epoch=1)
@@ -179,14 +175,14 @@ def test_non_finite_steps_read_a_step_late_are_skipped_on_the_device(tmp_path):
     """The loop's ordinary steps: the verdict stays on the device (weights, optimizer state,
     teacher and center untouched); the count, and the stop past the limit, a step later."""
     engine = make_engine(tiny_cfg(tmp_path))
-    engine.max_nonfinite_steps = 1
+    engine.counters.max_nonfinite_steps = 1
     poisoned = [c * float("nan") for c in random_crops(4, 0)]
     engine.micro_step(random_crops(4, 1), 0, 1.0, sync_grads=True)
     assert engine.finish_step(0, epoch=1, read_now=False).skipped is None
 
     def snapshot():
         moments = [t for state in engine.optimizer.state.values() for t in state.values()]
-        return [t.clone() for t in [*engine.trainable, *engine.ema_teacher,
+        return [t.clone() for t in [*engine.trainable, *engine.ema.teacher,
                                     engine.loss_fn.center, *moments]]
 
     before = snapshot()
@@ -206,11 +202,11 @@ def test_non_finite_steps_are_skipped_until_the_limit(tmp_path):
     """NaN inputs: the step leaves weights, teacher and center alone; a good step resets the
     count; max_nonfinite_steps + 1 bad steps in a row raise."""
     engine = make_engine(tiny_cfg(tmp_path))
-    engine.max_nonfinite_steps = 2
+    engine.counters.max_nonfinite_steps = 2
     poisoned = [c * float("nan") for c in random_crops(4, 0)]
 
     def snapshot():
-        return [t.clone() for t in [*engine.trainable, *engine.ema_teacher, engine.loss_fn.center]]
+        return [t.clone() for t in [*engine.trainable, *engine.ema.teacher, engine.loss_fn.center]]
 
     before = snapshot()
     for step in range(2):
@@ -218,7 +214,7 @@ def test_non_finite_steps_are_skipped_until_the_limit(tmp_path):
         assert engine.finish_step(step, epoch=0).skipped
     assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
     engine.micro_step(random_crops(4, 1), 2, 1.0, sync_grads=True)
-    assert not engine.finish_step(2, epoch=0).skipped and engine.bad_streak == 0
+    assert not engine.finish_step(2, epoch=0).skipped and engine.counters.bad_streak == 0
     for step in range(3, 5):
         engine.micro_step(poisoned, step, 1.0, sync_grads=True)
         engine.finish_step(step, epoch=0)

@@ -185,9 +185,6 @@ class PeriodicEvaluation:
 
     def _loss_of(self, crops: list[torch.Tensor], temp: float) -> tuple[torch.Tensor, int]:
         crops = [c.to(self.env.device) for c in crops]
-        engine = self.engine
-        with engine.autocast():
-            teacher_out = self.teacher(crops[: self.cfg.data.global_crops_number])
-            student_out = engine.student(crops)
-            loss = engine.loss_fn(student_out, teacher_out, temp, len(crops))
+        # Training's own forward, given the bare student: a DDP wrapper would sync buffers.
+        loss = self.engine.forward(self.engine.student, crops, temp).loss
         return loss, len(crops[0])

@@ -1,10 +1,10 @@
 """The DINO loss and its center.
 
 The center is an EMA of the teacher's mean output over the *global* batch. The engine adds
-each micro-batch's teacher outputs into `pending_sum`; the sum is all-reduced once per
-optimizer step and only then folded into the center, so every micro-batch of a step (and
-every rank) uses the same old center — which is what makes k micro-batches or N ranks give
-the same math as one big batch.
+each micro-batch's teacher outputs into `StepSums.teacher_sum` (training.step_sums); the sum
+is all-reduced once per optimizer step and only then folded into the center, so every
+micro-batch of a step (and every rank) uses the same old center — which is what makes k
+micro-batches or N ranks give the same math as one big batch.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from dino_dist.distributed.rng import rng_state, set_rng_state
 from dino_dist.errors import CheckpointError
 from dino_dist.training.engine import DinoEngine
 from dino_dist.training.loop import Position
+from dino_dist.training.weights import WEIGHT_KEYS
 
 REQUIRED_KEYS = ("loss", "step", "epoch", "config")  # plus the weights in a single file
 
@@ -57,15 +58,15 @@ class TrainingState:
             set_rng_state(state["rng"][self.env.rank])
 
     def sharded_weights(self) -> dict[str, Any]:
-        return self.engine.sharded_weights()
+        return self.engine.weights.sharded_state_dict()
 
     def load_sharded_weights(self, weights: dict[str, Any]) -> None:
-        self.engine.load_sharded_weights(weights)
+        self.engine.weights.load_sharded_state_dict(weights)
 
 
 def check_contents(path: Path, state: dict[str, Any], sharded: bool) -> None:
     """CheckpointError when a loaded checkpoint lacks what resuming needs."""
-    required = REQUIRED_KEYS + (() if sharded else DinoEngine.WEIGHT_KEYS)
+    required = REQUIRED_KEYS + (() if sharded else WEIGHT_KEYS)
     missing = [key for key in required if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' lacks {', '.join(missing)}: "

@@ -1,0 +1,51 @@
+"""What a step gathers over its micro-batches, summed over ranks in one all-reduce.
+
+Device sums (teacher outputs, weighted loss, non-finite flag) grow micro-batch by micro-batch
+without a host read; host counts (teacher rows, unreadable images, this rank's stop request)
+join them only at the reduction, through pinned memory without blocking (a plain host-to-device
+copy waits for the device).
+"""
+from __future__ import annotations
+
+import torch
+
+from dino_dist.distributed.collectives import all_reduce_sum_
+
+# The step's figures after the reduction, in this order (summed over ranks).
+FIGURES = ("loss_sum", "non_finite", "count", "skipped_images", "stop_votes")
+
+
+class StepSums:
+    def __init__(self, out_dim: int, device: torch.device):
+        self.out_dim, self.device = out_dim, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.teacher_sum = torch.zeros(self.out_dim, device=self.device)
+        self.loss = torch.zeros(2, device=self.device)  # weighted loss, non-finite flag
+        self.count = 0  # teacher rows: global crops x images
+        self.skipped_images = 0
+
+    @torch.no_grad()
+    def add(self, teacher_out: torch.Tensor, loss: torch.Tensor, loss_weight: float,
+            skipped_images: int = 0) -> None:
+        loss = loss.detach()
+        self.teacher_sum += teacher_out.float().sum(dim=0)
+        self.loss += torch.stack((loss * loss_weight, (~torch.isfinite(loss)).float()))
+        self.count += teacher_out.shape[0]
+        self.skipped_images += skipped_images
+
+    def reduce(self, stop_requested: bool, stats=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-reduce [statistics |] teacher sum | FIGURES; returns (teacher sum, figures).
+        `stats` (observe.diagnostics.StepStatistics, logging steps) rides in the same call."""
+        host = torch.tensor([self.count, self.skipped_images, float(stop_requested)],
+                            dtype=torch.float32)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        parts = (self.teacher_sum, self.loss, host.to(self.device, non_blocking=True))
+        if stats is not None:
+            parts = (stats.reduction_part(), *parts)
+        reduced = all_reduce_sum_(torch.cat(parts))
+        if stats is not None:
+            reduced = stats.take_reduced(reduced)
+        return reduced[: -len(FIGURES)], reduced[-len(FIGURES):]
