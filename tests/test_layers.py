@@ -31,6 +31,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dino_dist"
 # and the benchmark build on training; the commands sit on top of everything.
 LAYERS: list[tuple[str, list[str]]] = [
     ("leaves", ["dino_dist/__init__.py", "dino_dist/config.py", "dino_dist/errors.py",
+                "dino_dist/atomic_file.py",
                 "dino_dist/delays.py"]),
     ("distributed", ["dino_dist/distributed/"]),
     ("data", ["dino_dist/data/"]),

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dino_dist.atomic_file import write_atomically
+
 BENCH_IMAGE_SIZE = (500, 375)  # width, height: the most common ImageNet shape
 JPEG_QUALITY = 90
 
@@ -43,7 +45,6 @@ def ensure_bench_images(folder: Path | None = None, count: int = 64, seed: int =
         path = folder / f"img_{index:04d}.jpg"
         pixels = _photo_like(rng, width, height)  # drawn even when the file exists: stable content
         if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            Image.fromarray(pixels).save(tmp, format="JPEG", quality=JPEG_QUALITY)
-            os.replace(tmp, path)
+            image = Image.fromarray(pixels)
+            write_atomically(path, lambda f: image.save(f, format="JPEG", quality=JPEG_QUALITY))
     return folder

@@ -7,8 +7,9 @@ output directory.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from dino_dist.atomic_file import write_atomically
 
 SUMMARY_NAME = "training_summary.json"
 
@@ -50,8 +51,5 @@ def failure_summary(reason: str, wall_time_s: float, world_size: int, start_step
 
 
 def write_summary(output_dir: Path, summary: dict) -> Path:
-    path = Path(output_dir) / SUMMARY_NAME
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(summary, indent=2, default=float) + "\n"
+    return write_atomically(Path(output_dir) / SUMMARY_NAME, lambda f: f.write(text.encode()))

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
+from dino_dist.atomic_file import write_atomically
+
 LOG = logging.getLogger("dino_dist")
 
 RUN_ID_FILE = "wandb_run_id"
@@ -56,9 +58,7 @@ def run_id_for(output_dir: Path) -> str:
     if saved:
         return saved
     run_id = uuid.uuid4().hex[:12]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(f"{run_id}\n".encode()))
     return run_id
 
 
