@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from dino_dist.config import ConfigError, DataConfig, load_config
-from dino_dist.data import DataError
+from dino_dist.cli.command import report_error
+from dino_dist.config import DataConfig, load_config
+from dino_dist.errors import USER_ERRORS
 
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench_cpu.yaml"
 
@@ -127,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = data_only(args) if args.data_only else step_benchmark(args)
-    except (ConfigError, DataError) as err:
-        print(f"dino-bench: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report_error("dino-bench", err)
     if report is not None:
         print(json.dumps(report))
     return 0

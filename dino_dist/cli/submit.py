@@ -11,18 +11,24 @@ knows its `slurm.max_requeues`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
+from dino_dist.cli.command import report_error
 from dino_dist.cli.slurm_job import TrainJob
 from dino_dist.cluster.submit import make_executor, resolve_config, wait_local, wait_slurm
 from dino_dist.config import DEFAULT_CONFIG
-from dino_dist.errors import ConfigError, SubmitError
+from dino_dist.errors import USER_ERRORS, SubmitError
+
+
+PROG = "submit.py"  # as users run it: python launch/submit.py (dino-submit is the same)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="submit.py", description="Submit dino-train to SLURM (submitit); the job saves "
+        prog=PROG, description="Submit dino-train to SLURM (submitit); the job saves "
         "at the next step boundary on USR2/TERM and requeues itself.")
     p.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
     p.add_argument("--nodes", type=int)
@@ -55,11 +61,10 @@ def submit(argv: list[str] | None = None) -> int:
         cfg, slurm_words = resolve_config(config_path, args)
         run_dir = Path(cfg.train.output_dir).resolve()
         executor = make_executor(run_dir / "slurm", cfg.slurm, args.local)
-    except (ConfigError, SubmitError) as err:
-        print(f"submit.py: error: {err}", file=sys.stderr)
-        return 2
-    overrides = [*args.overrides, *slurm_words, f"train.output_dir={run_dir}"]
-    job = executor.submit(TrainJob(config_path, overrides))
+        overrides = [*args.overrides, *slurm_words, f"train.output_dir={run_dir}"]
+        job = send(executor, TrainJob(config_path, overrides))
+    except USER_ERRORS as err:
+        return report_error(PROG, err)
     print(f"job id: {job.job_id}")
     print(f"logs: {job.paths.stdout} and {job.paths.stderr} (task 0; other tasks beside them)")
     print(f"run directory: {run_dir}")
@@ -70,6 +75,21 @@ def submit(argv: list[str] | None = None) -> int:
     print(f"final state: {state}")
     print(f"run directory: {run_dir}")
     return 0 if state == "COMPLETED" else 1
+
+
+def send(executor, job: TrainJob):
+    """Hand the job to the scheduler. sbatch refusing it (a partition, account or limit the
+    cluster does not allow) is a user mistake: a SubmitError with sbatch's own words."""
+    from submitit.core.utils import FailedJobError
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's error as well
+            return executor.submit(job)
+    except FailedJobError as err:
+        words = (str(err).strip() or said.getvalue().strip() or "no reason given").splitlines()
+        raise SubmitError(f"sbatch refused the job ({words[-1]}): "
+                          f"fix the option or slurm.* setting it names") from None
 
 
 def cli() -> None:
