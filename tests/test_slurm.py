@@ -84,6 +84,16 @@ def submit(*words: str) -> str:
     return re.search(r"job id: (\d+)", result.stdout).group(1)
 
 
+def sbatch_train(tmp_path: Path, tasks: int, overrides: list[str]) -> str:
+    """The plain sbatch script (no submitit) with the demo config; the job id."""
+    env = {**subprocess_env(), "DINO_PYTHON": sys.executable}
+    out = subprocess.run(["sbatch", "--parsable", f"--ntasks={tasks}", "--time=10",
+                          f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch",
+                          "--config", "configs/demo.yaml", *overrides],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def stops_in_log(run_dir: Path) -> list[tuple[str, int]]:
     """(signal, step) of every 'stopped by' line rank 0 logged."""
     text = (run_dir / "log.txt").read_text()
@@ -123,12 +133,7 @@ def test_two_task_job_saves_on_signal_requeues_and_completes(slurm, images, tmp_
         job = submit("--config", "configs/demo.yaml", "--tasks-per-node", "2",
                      "--timeout-min", "10", "--max-requeues", "3", *overrides)
     else:
-        env = {**subprocess_env(), "DINO_PYTHON": sys.executable}
-        out = subprocess.run(["sbatch", "--parsable", "--ntasks=2", "--time=10",
-                              f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch",
-                              "--config", "configs/demo.yaml", *overrides],
-                             cwd=REPO, env=env, capture_output=True, text=True, check=True)
-        job = out.stdout.strip()
+        job = sbatch_train(tmp_path, 2, overrides)
     wait_for_steps(run_dir, job, 3)
     signalled_at = time.time()
     subprocess.run(["scancel", f"--signal={sig}", job], check=True)
@@ -238,12 +243,7 @@ def test_a_requeue_takes_over_its_own_lock_at_once(slurm, images, tmp_path):
     its own (same job id, a later restart) and completes."""
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(images, run_dir, **{"train.epochs": 2, "checkpoint.every_steps": 2})
-    env = {**subprocess_env(), "DINO_PYTHON": sys.executable}
-    out = subprocess.run(["sbatch", "--parsable", "--ntasks=1", "--time=10",
-                          f"--output={tmp_path}/sbatch-%j.out", "slurm/train.sbatch",
-                          "--config", "configs/demo.yaml", *overrides],
-                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    job = out.stdout.strip()
+    job = sbatch_train(tmp_path, 1, overrides)
     wait_for_steps(run_dir, job, 3)
     lock = json.loads((run_dir / "owner.lock").read_text())
     assert (lock["job"], lock["restart"]) == (f"slurm:{job}", [0, 0]), lock

@@ -61,7 +61,8 @@ class StepCounters:
         if self.bad_streak > self.max_nonfinite_steps:
             what = "a non-finite loss" if loss_non_finite else "non-finite gradients"
             raise NonFiniteLossError(
-                f"{self.bad_streak} optimizer steps in a row had {what} (the last at "
+                f"{self.bad_streak} optimizer step{'s' if self.bad_streak > 1 else ''} in a "
+                f"row had {what} (the last at "
                 f"step {step}, epoch {epoch}; limit train.max_nonfinite_steps="
                 f"{self.max_nonfinite_steps}); all ranks stopped and the last checkpoint is kept. "
                 f"Lower optim.lr, use train.precision=bf16 or fp32, or check the data")
