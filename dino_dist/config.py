@@ -372,6 +372,14 @@ class SlurmConfig:
     job_name: str = "dino"  # the SLURM job name
 
 
+def _check_signal_delay(slurm: SlurmConfig) -> None:
+    if slurm.signal_delay_s >= slurm.timeout_min * 60:
+        raise ConfigError(f"slurm.signal_delay_s={slurm.signal_delay_s} (--signal-delay-s) is not "
+                          f"shorter than slurm.timeout_min={slurm.timeout_min} minutes "
+                          f"(--timeout-min): the job would be signalled before it starts; raise "
+                          f"the timeout or lower the delay")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -515,6 +523,7 @@ def validate(cfg: Config) -> None:
     _check_prefetch(cfg.data)
     _check_evaluated_metrics(cfg)  # after the eval paths are known to be paired
     _check_attention_images(cfg)
+    _check_signal_delay(cfg.slurm)
 
 
 def _check_fields(section: Any, prefix: str) -> None:

@@ -56,6 +56,10 @@ RULES = [
                  "eval.attention_images draws its grid to TensorBoard (or W&B), but "
                  "log.tensorboard=false: set log.tensorboard=true, or leave "
                  "eval.attention_images empty", id="attention-without-tensorboard"),
+    pytest.param(["slurm.timeout_min=2", "slurm.signal_delay_s=120"],
+                 "slurm.signal_delay_s=120 (--signal-delay-s) is not shorter than "
+                 "slurm.timeout_min=2 minutes (--timeout-min): the job would be signalled "
+                 "before it starts; raise the timeout or lower the delay", id="signal-delay"),
 ]
 
 

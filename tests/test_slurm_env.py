@@ -174,7 +174,8 @@ def test_nothing_about_a_cluster_is_sent_unless_asked():
 
 
 @pytest.mark.parametrize("words, message", [
-    (["--timeout-min", "1", "--signal-delay-s", "60"], "--signal-delay-s 60 is not shorter"),
+    (["--timeout-min", "1", "--signal-delay-s", "60"],
+     "slurm.signal_delay_s=60 (--signal-delay-s) is not shorter than slurm.timeout_min=1"),
     (["slurm.partiton=x"], "did you mean 'slurm.partition'"),
     (["--local", "--nodes", "2"], "--local runs on this machine only"),
 ])

@@ -38,10 +38,6 @@ def resolve_config(config_path: str, args: argparse.Namespace) -> tuple[Config, 
     settings = cfg.slurm
     if settings.tasks_per_node == 0:
         settings.tasks_per_node = settings.gpus_per_node or 1
-    if settings.signal_delay_s >= settings.timeout_min * 60:
-        raise SubmitError(f"--signal-delay-s {settings.signal_delay_s} is not shorter than "
-                          f"--timeout-min {settings.timeout_min}: the job would be signalled "
-                          f"before it starts; raise the timeout or lower the delay")
     return cfg, words
 
 

@@ -24,13 +24,11 @@ compares the paths' outputs in distribution.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dino_dist.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,17 +70,6 @@ class CropGroupSpec:
     scale: tuple[float, float]
 
 
-def check_crops(kind: str, number: int, size: int, scale: Sequence[float], min_number: int) -> None:
-    if number < min_number:
-        raise DataError(f"data.{kind}_crops_number is {number}: set it to at least {min_number}")
-    if size < 1:
-        raise DataError(f"data.{kind}_crop_size is {size}: set it to a positive number of pixels")
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise DataError(
-            f"data.{kind}_crops_scale is {list(scale)}: set it to [low, high] with 0 < low <= high <= 1"
-        )
-
-
 @dataclass(frozen=True)
 class CropRecipe:
     """Every count, size, probability, range and threshold of a run's crops."""
@@ -103,12 +90,6 @@ class CropRecipe:
     other_global: CropKind = CropKind(blur_p=0.1, solarize_p=0.2)
     local: CropKind = CropKind(blur_p=0.5, solarize_p=0.0)
     solarize_threshold: float = 128 / 255  # pixels at or above it are inverted
-
-    def __post_init__(self) -> None:
-        check_crops("global", self.global_crops_number, self.global_crop_size,
-                    self.global_crops_scale, 1)
-        check_crops("local", self.local_crops_number, self.local_crop_size,
-                    self.local_crops_scale, 0)
 
     @classmethod
     def from_config(cls, data: Any) -> "CropRecipe":

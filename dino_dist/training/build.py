@@ -85,11 +85,8 @@ def build_training(cfg: Config, env: DistEnv, clock=None) -> Training:
     loader, sampler, _dataset = build_train_loader(
         cfg.data, o.batch_size_per_gpu, env.rank, env.world_size, cfg.train.seed,
         pin_memory=env.device.type == "cuda")
+    # At least one: the loader refuses a dataset with fewer images per rank than one batch.
     micro = micro_batches_per_epoch(sampler.samples_per_rank, o.batch_size_per_gpu)
-    if micro == 0:
-        raise ConfigError(
-            f"the dataset gives {sampler.samples_per_rank} images per rank, fewer than one batch "
-            f"of optim.batch_size_per_gpu={o.batch_size_per_gpu}: lower the batch size or add images")
     schedules = build_schedules(cfg, env.world_size, steps_per_epoch(micro, o.accum_steps))
     loss_fn = DINOLoss(cfg.model.out_dim, cfg.data.global_crops_number, cfg.loss.student_temp,
                        cfg.loss.center_momentum).to(env.device)
