@@ -44,7 +44,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("training", ["dino_dist/training/"]),
     ("cluster", ["dino_dist/cluster/"]),
     ("bench", ["dino_dist/bench/"]),
-    # dino_dist/train.py keeps `python -m dino_dist.train` (torchrun, sbatch, the docs).
+    # dino_dist/train.py keeps `python -m dino_dist.train` (torchrun and the docs; the sbatch
+    # script runs `python -m dino_dist.cli.slurm_entry`).
     ("cli", ["dino_dist/cli/", "dino_dist/train.py"]),
 ]
 # Rooms (first folder or file under dino_dist/) that must not import each other either way.
