@@ -111,18 +111,23 @@ def test_sigkill_of_the_torchrun_agent_stops_its_workers_and_the_run_resumes_exa
     out = tmp_path / "killed"
     overrides = tiny_overrides(images, out, **common)
     rng = random.Random(mode)
+    # Each step is stretched (with async saves a step is otherwise quicker than the random
+    # wait below), so every kill lands in a run that is still training and owns its lock.
+    slow = {"DINO_DIST_TEST_SAVE_DELAY_S": "0.5", "DINO_DIST_TEST_STEP_DELAY_S": "0.5"}
     for moment in ("start-up", "a save in flight", "a random moment"):
-        agent = start(torchrun_command(overrides), DINO_DIST_TEST_SAVE_DELAY_S="0.5")
+        agent = start(torchrun_command(overrides), **slow)
+        workers: list[int] = []
         try:
             workers = kill_agent_at(moment, agent, out / "checkpoints", rng)
             wait_for(lambda: not any(alive(pid) for pid in workers), 15,
                      f"the workers {workers} to stop after the agent was killed at {moment}")
         finally:
-            kill_pids([agent.pid, *workers])
+            kill_pids([agent.pid, *workers, *child_pids(agent.pid)])
         left = committed(out / "checkpoints")
         time.sleep(2)
         assert committed(out / "checkpoints") == left, f"a checkpoint appeared after {moment}"
         assert "its launcher" in agent.stdout.read() or moment == "start-up"
+        assert (out / LOCK_NAME).exists() or moment == "start-up"  # left by the killed run
     result = run_train(overrides, nproc=2)
     assert "resumed from" in result.stdout
     assert "its process is dead" in result.stdout  # the killed rank 0's lock, taken over
@@ -145,7 +150,7 @@ def kill_agent_at(moment: str, agent: subprocess.Popen, checkpoints: Path,
         before = committed(checkpoints)
         wait_for(lambda: committed(checkpoints) != before or agent.poll() is not None, 120,
                  "a first commit of this attempt")
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, 1.0))
     assert agent.poll() is None, f"the run ended before {moment}:\n{agent.stdout.read()}"
     os.kill(agent.pid, signal.SIGKILL)
     return workers
