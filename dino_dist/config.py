@@ -84,7 +84,19 @@ def _require(key: str, value: Any, ok: Callable[[Any], bool], requirement: str) 
 
 @dataclass
 class DataConfig:
-    path: str = "demo"  # an ImageFolder root, a plain folder of images, or demo (built-in)
+    # An ImageFolder root, a plain folder of images, demo (built-in), or a shard set: a folder
+    # of .tar shards, a brace pattern of them (/data/set/{000000..000099}.tar) or s3://bucket/prefix
+    # (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)
+    path: str = "demo"
+    # The epoch order: "random" shuffles the whole set (a folder by a stored permutation, a
+    # shard set by one computed on demand, never held in memory); "shard_windows" (shard sets
+    # only) shuffles the shards and mixes samples within windows of data.window_shards shards,
+    # so reads stay in a few shards at a time (disks, NFS) at the cost of less mixed batches.
+    order: str = choice("random", ("random", "shard_windows"))
+    window_shards: int = positive(16)  # shards mixed together with data.order=shard_windows
+    read_threads: int = positive(16)  # concurrent ranged reads per loader process (shard sets)
+    # Where a remote shard index is copied (memory-mapped from there); "" = ~/.cache/dino_dist
+    index_cache: str = ""
     num_workers: int = non_negative(4)  # loader processes per rank; 0 = load in the trainer
     # Batches each loader process prepares ahead; must be >= 1 when num_workers > 0
     prefetch_factor: int = 2

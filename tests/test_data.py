@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import types
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dino_dist.config import DataConfig
 from dino_dist.data import (
     CropRecipe,
     DataError,
@@ -56,7 +56,7 @@ def make_image_folder(root: Path, classes: int = 2, per_class: int = 6) -> Path:
     return root
 
 
-def data_config(path: str | Path, **overrides) -> types.SimpleNamespace:
+def data_config(path: str | Path, **overrides) -> DataConfig:
     settings = dict(
         path=str(path), num_workers=0, global_crops_number=2, global_crop_size=GLOBAL_SIZE,
         global_crops_scale=[0.4, 1.0], local_crops_number=3, local_crop_size=LOCAL_SIZE,
@@ -64,7 +64,7 @@ def data_config(path: str | Path, **overrides) -> types.SimpleNamespace:
         batched_crops=False, augment_on="cpu",
     )
     settings.update(overrides)
-    return types.SimpleNamespace(**settings)
+    return DataConfig(**settings)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -110,7 +110,7 @@ def test_crops_depend_only_on_seed_epoch_index(image_folder):
     first, label, skipped = dataset[(3, 5)]
     torch.rand(1000)  # whatever ran before must not matter
     again, _, _ = dataset[(3, 5)]
-    assert label == dataset.labels[5] and skipped == 0
+    assert label == dataset.images.labels[5] and skipped == 0
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     other_epoch, _, _ = dataset[(4, 5)]
     assert not all(torch.equal(a, b) for a, b in zip(first, other_epoch))
@@ -270,7 +270,7 @@ def test_corrupt_image_is_skipped_warned_about_and_counted(tmp_path):
     bad = tmp_path / "class_0" / "broken.jpg"
     bad.write_bytes(b"definitely not a jpeg" * 10)
     dataset = MultiCropDataset(tmp_path, small_augmentation(), seed=0)
-    bad_index = dataset.files.index(str(bad))
+    bad_index = dataset.images.files.index(str(bad))
     with pytest.warns(UserWarning, match="broken.jpg"):
         crops, label, skipped = dataset[(0, bad_index)]
     assert skipped == 1 and len(crops) == 5
@@ -380,5 +380,5 @@ def test_demo_path_resolves_to_train_split(tmp_path, monkeypatch):
                         lambda root: ensure_demo_dataset(root, progress=False, per_class_train=2, per_class_val=1))
     cfg = data_config("demo", demo_dir=str(tmp_path))
     loader, sampler, dataset = build_train_loader(cfg, batch_size=4, rank=1, world_size=2, seed=0)
-    assert dataset.root.name == "train" and len(dataset) == 20 and dataset.classes == CLASS_FOLDERS
+    assert dataset.images.root.name == "train" and len(dataset) == 20 and dataset.images.classes == CLASS_FOLDERS
     assert len(sampler) == 10 and len(loader) == 2

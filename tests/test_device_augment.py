@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import math
-import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms.v2 import functional as TF
 
+from dino_dist.config import DataConfig
 from dino_dist.data import (CropRecipe, DecodedBatch, MultiCropAugmentation, MultiCropDataset,
                             build_train_loader, crops_on_device)
 from dino_dist.data import crop_params, device_augment
@@ -51,14 +51,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def data_config(path: str | Path = "unused", **overrides) -> types.SimpleNamespace:
+def data_config(path: str | Path = "unused", **overrides) -> DataConfig:
     settings = dict(
         path=str(path), num_workers=0, prefetch_factor=2, demo_dir="", augment_on="gpu",
         batched_crops=True, global_crops_number=2, global_crop_size=GLOBAL_SIZE,
         global_crops_scale=[0.4, 1.0], local_crops_number=2, local_crop_size=LOCAL_SIZE,
         local_crops_scale=[0.05, 0.4], blur_sigma=[0.1, 2.0])
     settings.update(overrides)
-    return types.SimpleNamespace(**settings)
+    return DataConfig(**settings)
 
 
 def write_photo(path: Path, rng: np.random.Generator) -> None:

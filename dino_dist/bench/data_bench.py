@@ -17,7 +17,8 @@ import torch
 
 from dino_dist.bench.reference_pipeline import ReferenceMultiCrop, pil_loader
 from dino_dist.config import ConfigError
-from dino_dist.data.folder import MultiCropDataset, find_images
+from dino_dist.data.datasets import MultiCropDataset
+from dino_dist.data.folder import find_images
 from dino_dist.data.loader import loader_transform
 
 

@@ -4,7 +4,8 @@ and says which path is used when), image folders, the demo dataset and the train
 from .augment import MultiCropAugmentation, eval_transform, sample_seed
 from .demo import default_demo_dir, ensure_demo_dataset
 from .device_augment import DecodedBatch, crops_on_device
-from .folder import DataError, LabelledImageDataset, MultiCropDataset, find_images
+from .datasets import LabelledImageDataset, MultiCropDataset, open_images
+from .folder import DataError, find_images
 from .loader import (build_train_loader, collate_multicrop, demo_val_root, loader_transform,
                      resolve_data_root)
 from .recipe import CropRecipe
@@ -27,6 +28,7 @@ __all__ = [
     "eval_transform",
     "find_images",
     "loader_transform",
+    "open_images",
     "resolve_data_root",
     "sample_seed",
 ]

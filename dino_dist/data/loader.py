@@ -14,9 +14,13 @@ from .augment import MultiCropAugmentation
 from .crop_params import CropParamSampler
 from .demo import ensure_demo_dataset
 from .device_augment import collate_decoded
-from .folder import DataError, MultiCropDataset, find_images
+from .datasets import MultiCropDataset, open_images
+from .folder import DataError
+from .images import ImageSet
+from .order import GlobalOrder, ShardWindowOrder
 from .recipe import CropRecipe
 from .sampler import ShardedEpochSampler
+from .shard_images import ShardImages
 
 DEMO = "demo"
 
@@ -26,13 +30,32 @@ def _demo_root(cfg: Any) -> Path:
     return ensure_demo_dataset(cfg.demo_dir or None)
 
 
-def resolve_data_root(cfg: Any) -> Path:
-    """The training image folder; a bad data.path fails here, before any process starts."""
+def open_training_images(cfg: Any) -> ImageSet:
+    """The training images; a bad data.path (no images, a missing shard, no or a stale index)
+    fails here, before the first step."""
     if cfg.path == DEMO:
-        return _demo_root(cfg) / "train"
-    root = Path(cfg.path).expanduser()
-    find_images(root)
-    return root
+        return open_images(_demo_root(cfg) / "train")
+    path = cfg.path if "://" in cfg.path else str(Path(cfg.path).expanduser())
+    images = open_images(path, read_threads=cfg.read_threads, cache_dir=cfg.index_cache or None)
+    if cfg.order == "shard_windows" and not isinstance(images, ShardImages):
+        raise DataError(f"data.order=shard_windows needs a shard set, and data.path '{cfg.path}' is a "
+                        "folder of images: set data.order=random, or write shards with dino-shard")
+    return images
+
+
+def resolve_data_root(cfg: Any) -> str:
+    """What data.path names, checked (see open_training_images): run before any process starts."""
+    return str(open_training_images(cfg).root)
+
+
+def epoch_sampler(cfg: Any, images: ImageSet, world_size: int, rank: int, seed: int) -> ShardedEpochSampler:
+    """Folders keep their stored permutation (the order every earlier run and checkpoint used);
+    shard sets compute theirs on demand (data.order)."""
+    order = None
+    if isinstance(images, ShardImages):
+        order = (ShardWindowOrder(images.shards.shard_sizes, cfg.window_shards, seed)
+                 if cfg.order == "shard_windows" else GlobalOrder(len(images), seed))
+    return ShardedEpochSampler(len(images), world_size, rank, seed, order=order)
 
 
 def demo_val_root(cfg: Any) -> Path:
@@ -74,8 +97,8 @@ def build_train_loader(
     `cfg`'s settings were checked when the config loaded; what only the data can tell (the
     folder, its images, enough of them for one batch) is checked here.
     """
-    dataset = MultiCropDataset(resolve_data_root(cfg), loader_transform(cfg), seed)
-    sampler = ShardedEpochSampler(len(dataset), world_size, rank, seed)
+    dataset = MultiCropDataset(open_training_images(cfg), loader_transform(cfg), seed)
+    sampler = epoch_sampler(cfg, dataset.images, world_size, rank, seed)
     if sampler.samples_per_rank < batch_size:
         raise DataError(
             f"{len(dataset)} images give {sampler.samples_per_rank} per rank on {world_size} rank(s), "

@@ -19,8 +19,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from dino_dist.config import Config
 from dino_dist.data.augment import normalise
-from dino_dist.data.folder import (DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb, find_images,
-                                   images_under)
+from dino_dist.data.folder import IMAGE_EXTENSIONS, decode_rgb, find_images, images_under
+from dino_dist.data.images import DECODE_ERRORS
 from dino_dist.errors import CheckpointError, DataError
 from dino_dist.eval.knn import live_backbone
 from dino_dist.models import VisionTransformer

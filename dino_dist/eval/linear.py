@@ -145,7 +145,7 @@ def linear_probe(checkpoint: Path, train_dir: Path, val_dir: Path, output_dir: P
     train_set, val_set = labelled_sets(train_dir, val_dir, features)
     extractor = feature_function(backbone, features)
     setup_logging(output_dir, env.is_main)  # only now: bad input leaves no folder behind
-    cache = cache_path(output_dir, checkpoint, train_set.files, val_set.files, features)
+    cache = cache_path(output_dir, checkpoint, train_set.images.identity, val_set.images.identity, features)
     data = cached_features(cache, extractor, train_set, val_set, features, env,
                            settings.batch_size, num_workers)
     # A restart continues only the same probe; it may ask for more epochs.

@@ -94,14 +94,14 @@ class SeededViews:
             torch.set_rng_state(caller_state)
 
 
-def cache_path(output_dir: Path, checkpoint: Path, train_files: list[str], val_files: list[str],
+def cache_path(output_dir: Path, checkpoint: Path, train_images: object, val_images: object,
                settings: FeatureSettings) -> Path:
     """The cache's name: a hash of the checkpoint (path, size, mtime of each file), both
-    image lists and the feature settings, so any change of them extracts afresh."""
+    image sets and the feature settings, so any change of them extracts afresh."""
     inside = checkpoint.rglob("*") if checkpoint.is_dir() else [checkpoint]
     files = sorted(p for p in inside if p.is_file())
     identity = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = json.dumps([identity, train_files, val_files, asdict(settings)])
+    key = json.dumps([identity, train_images, val_images, asdict(settings)])
     return output_dir / f"features_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 

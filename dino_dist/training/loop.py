@@ -21,6 +21,7 @@ from dino_dist.training.schedules import total_batch_size
 from dino_dist.distributed.stop import STOP_REQUEST
 from dino_dist.observe.memory import peak_memory_mb
 from dino_dist.observe.metrics import MetricsWriter, ThroughputMeter, console_line
+from dino_dist.observe.sample_log import SampleLog
 from dino_dist.observe.step_report import StepReporter
 
 LOG = logging.getLogger("dino_dist")
@@ -102,6 +103,7 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
                             total_batch_size(cfg, env.world_size))
     images = 0
     step_pause = pause_seconds("DINO_DIST_TEST_STEP_DELAY_S")  # read once: not per step
+    sample_log = SampleLog.from_env(env.rank, env.world_size)
     while not training_done(cfg, pos):
         sampler.set_epoch(pos.epoch, consumed=min(pos.epoch_samples, sampler.dataset_len))
         micro_left = len(sampler) // batch
@@ -113,8 +115,10 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
             stats = reporter.statistics_for(logging_step)
             for j in range(group):
                 wait_start = time.perf_counter()
-                crops, _labels, skipped = next(batches)
+                crops, labels, skipped = next(batches)
                 meter.add_wait(time.perf_counter() - wait_start)
+                if sample_log:
+                    sample_log.record(pos.step + 1, j, labels)
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
                                   sync_grads=j == group - 1, skipped_images=skipped, stats=stats)
             # Ordinary steps leave their figures on the device until the next step; steps
