@@ -295,8 +295,8 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     knn_at_end: bool = False  # a k-NN report on the trained teacher (the demo turns it on)
-    # Labelled ImageFolder roots for k-NN: train_path the bank, val_path the queries;
-    # "" with data.path=demo = the demo's splits
+    # Labelled images for k-NN (ImageFolder roots or labelled shard sets): train_path the bank,
+    # val_path the queries; "" with data.path=demo = the demo's splits
     train_path: str = ""
     val_path: str = ""  # see train_path
     knn_k: int = positive(20)  # neighbours that vote

@@ -236,11 +236,12 @@ def test_the_readme_commands_as_a_new_user_runs_them(new_user):
 
 def _help_of(command: str) -> str:
     """The --help text of a command, produced in this process (nothing is run)."""
-    from dino_dist.cli import attention, bench, export, knn, linear, plot, submit, train
+    from dino_dist.cli import attention, bench, export, knn, linear, plot, shard, submit, train
 
     show_help = {"train": train.parse_args, "knn": knn.parse_args, "linear": linear.parse_args,
                  "attention": attention.parse_args, "bench": bench.parse_args,
-                 "submit": submit.parse_args, "export": export.main, "plot": plot.main}[command]
+                 "submit": submit.parse_args, "export": export.main, "plot": plot.main,
+                 "shard": shard.parse_args}[command]
     text = io.StringIO()
     with contextlib.redirect_stdout(text), pytest.raises(SystemExit):
         show_help(["--help"])

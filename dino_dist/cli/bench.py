@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="steps of the synchronised per-phase pass (default 5; 0 = skip)")
     parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
     parser.add_argument("--images", default=None,
-                        help="--data-only: folder of images (default: generated 500x375 JPEGs)")
+                        help="--data-only: a folder of images or a shard set (folder, pattern, "
+                             "s3://) (default: generated 500x375 JPEGs)")
     parser.add_argument("--images-per-round", type=int, default=16)
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. optim.batch_size_per_gpu=8")
     args = parser.parse_args(argv)
@@ -59,7 +60,7 @@ def data_only(args: argparse.Namespace) -> dict:
         data_cfg = load_config(args.config, args.overrides).data
     else:
         data_cfg = _paper_data(args.overrides)
-    root = Path(args.images) if args.images else ensure_bench_images()
+    root = args.images if args.images else ensure_bench_images()
     return run_data_benchmark(data_cfg, root, args.images_per_round, args.rounds)
 
 

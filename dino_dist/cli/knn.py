@@ -19,8 +19,9 @@ from dino_dist.eval.knn import knn_accuracy
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="dino-knn", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--train-data", required=True, type=Path)
-    parser.add_argument("--val-data", required=True, type=Path)
+    parser.add_argument("--train-data", required=True,
+                        help="labelled images: an ImageFolder tree or a labelled shard set (folder, pattern, s3://)")
+    parser.add_argument("--val-data", required=True, help="labelled images, as --train-data")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--image-size", type=int, default=None,

@@ -31,8 +31,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="dino-linear", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a training checkpoint (file or FSDP folder) or a dino-export file")
-    parser.add_argument("--train-data", required=True, type=Path)
-    parser.add_argument("--val-data", required=True, type=Path)
+    parser.add_argument("--train-data", required=True,
+                        help="labelled images: an ImageFolder tree or a labelled shard set (folder, pattern, s3://)")
+    parser.add_argument("--val-data", required=True, help="labelled images, as --train-data")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="default: RUN/linear/<checkpoint name>, or ./linear_probe/<name>")
     parser.add_argument("--epochs", type=at_least(1), default=100)

@@ -24,6 +24,11 @@ S3_SCHEME = "s3://"
 SHARD_SUFFIX = ".tar"
 OPEN_SHARDS_PER_PROCESS = 64  # bounded so 100k shards never exhaust file descriptors
 RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # ~16 s in all before a read is given up
+# The S3 client retries a little itself (throttling answers need it); the backoff above is the
+# policy, so the client's own is kept short, and a hung connection is given up in seconds.
+CLIENT_RETRIES = 2
+CLIENT_CONFIG = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 10,
+                 "read_timeout": 30}
 
 T = TypeVar("T")
 
@@ -32,20 +37,35 @@ def is_remote(location: str) -> bool:
     return location.startswith(S3_SCHEME)
 
 
-def with_retries(what: str, read: Callable[[], T], delays: tuple[float, ...] = RETRY_DELAYS_S) -> T:
+# Where the network stacks' own errors come from; anything else (a TypeError) is a bug and
+# is raised at once instead of being retried.
+NETWORK_MODULES = {"aiobotocore", "aiohttp", "botocore", "fsspec", "http", "s3fs", "urllib3"}
+
+
+def is_transient(error: Exception) -> bool:
+    return isinstance(error, (OSError, EOFError)) or type(error).__module__.split(".")[0] in NETWORK_MODULES
+
+
+def with_retries(what: str, read: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
     """`read()`, retried after each delay when the storage fails; then one DataError naming `what`.
 
     A missing file or a refused permission is not transient: it fails at once.
     """
+    delays = RETRY_DELAYS_S if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return read()
+        except DataError:
+            raise  # already the one line a user gets
         except (FileNotFoundError, PermissionError) as error:
             raise DataError(f"{what}: {type(error).__name__}: {error}: check that the shard set "
                             "is complete and readable") from error
-        except Exception as error:  # network stacks raise many types; all are worth a retry
+        except Exception as error:
+            if not is_transient(error):
+                raise
             if attempt == len(delays):
-                raise DataError(f"{what} failed {attempt + 1} times, last with {type(error).__name__}: "
+                tries = f"{attempt + 1} attempts" if attempt else "1 attempt"
+                raise DataError(f"{what}: gave up after {tries}, the last with {type(error).__name__}: "
                                 f"{error}: check the storage and the network, then restart the run "
                                 "(it resumes from its last checkpoint)") from error
             time.sleep(delays[attempt])
@@ -76,8 +96,9 @@ class LocalStore:
                 if entry.name.endswith(SHARD_SUFFIX) and not entry.name.startswith(".")}
 
     def read(self, name: str, offset: int, size: int) -> bytes:
-        fd = self._open(name)
-        data = os.pread(fd, size, offset)
+        # NFS can fail a read for a moment (a server failing over): retried like S3.
+        data = with_retries(f"reading shard '{self.folder / name}'",
+                            lambda: os.pread(self._open(name), size, offset))
         if len(data) != size:
             raise DataError(f"shard '{self.folder / name}' ends before byte {offset + size}: it changed "
                             "after it was indexed; re-run dino-shard --index on the folder")
@@ -171,9 +192,12 @@ class S3Store:
             try:
                 import s3fs
             except ImportError as error:
-                raise DataError("reading s3:// shards needs s3fs: pip install s3fs") from error
+                raise DataError("reading s3:// shards needs s3fs: pip install 'dino_dist[s3]' "
+                                "(or pip install s3fs)") from error
             # skip_instance_cache: fsspec's cache would hand a forked process its parent's client.
-            self._fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+            self._fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
+                                         config_kwargs=CLIENT_CONFIG)
+            self._fs.retries = CLIENT_RETRIES  # a class setting of s3fs, not an argument
             self._pid = os.getpid()
         return self._fs
 

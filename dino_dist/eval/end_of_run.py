@@ -26,11 +26,11 @@ KNN_SKIPPED = ("eval.knn_at_end=true, but data.path is not the demo and no label
                "set eval.knn_at_end=false to silence this")
 
 
-def knn_folders(cfg: Config) -> tuple[Path, Path] | None:
+def knn_folders(cfg: Config) -> tuple[str | Path, str | Path] | None:
     """Labelled train/val folders for k-NN: eval.train_path/val_path, else the demo's splits
     with data.path=demo, else None (nothing to evaluate on)."""
     if cfg.eval.train_path and cfg.eval.val_path:
-        return Path(cfg.eval.train_path), Path(cfg.eval.val_path)
+        return cfg.eval.train_path, cfg.eval.val_path  # kept as given: an s3:// URL is no Path
     if cfg.data.path == "demo":
         root = ensure_demo_dataset(cfg.data.demo_dir or None, progress=False)
         return root / "train", root / "val"

@@ -44,7 +44,7 @@ class ProbeSettings:
     seed: int
 
 
-def labelled_sets(train_dir: Path, val_dir: Path,
+def labelled_sets(train_dir: str | Path, val_dir: str | Path,
                   settings: FeatureSettings) -> list[LabelledImageDataset]:
     """Both folders under their extraction transforms; they must name the same classes."""
     train_set, val_set = (LabelledImageDataset(d, t)
@@ -133,7 +133,7 @@ def last_logged_epoch(output_dir: Path) -> int:
     return json.loads(lines[-1])["epoch"] if lines else 0
 
 
-def linear_probe(checkpoint: Path, train_dir: Path, val_dir: Path, output_dir: Path,
+def linear_probe(checkpoint: Path, train_dir: str | Path, val_dir: str | Path, output_dir: Path,
                  requested: FeatureSettings, settings: ProbeSettings, env: DistEnv,
                  num_workers: int = 0) -> dict[str, float]:
     """Train (or continue) the probe to `settings.epochs`; the last epoch's metrics."""

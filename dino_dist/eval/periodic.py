@@ -64,7 +64,7 @@ class PeriodicEvaluation:
         self.every = cfg.eval.every_epochs
         e = cfg.eval
         self.knn_sets = knn_sets
-        self.val_loss_dir = Path(e.val_loss_path) if e.val_loss_path else \
+        self.val_loss_dir = e.val_loss_path if e.val_loss_path else \
             (demo_val_root(cfg.data) if cfg.data.path == "demo" else None)
         available = (["knn_top1", "knn_top5"] if self.knn_sets else []) + \
             (["val_loss"] if self.val_loss_dir else [])
