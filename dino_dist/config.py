@@ -95,6 +95,9 @@ class DataConfig:
     order: str = choice("random", ("random", "shard_windows"))
     window_shards: int = positive(16)  # shards mixed together with data.order=shard_windows
     read_threads: int = positive(16)  # concurrent ranged reads per loader process (shard sets)
+    # Seconds a failing shard read is retried (backoff 0.2 s doubling) before the run stops
+    # with one line naming the shard; it resumes from its last checkpoint when restarted
+    read_retry_s: float = non_negative(30.0)
     # Where a remote shard index is copied (memory-mapped from there); "" = ~/.cache/dino_dist
     index_cache: str = ""
     num_workers: int = non_negative(4)  # loader processes per rank; 0 = load in the trainer

@@ -33,6 +33,18 @@ class PlotError(RuntimeError):
     """A one-line problem with the run directory or the environment of dino-plot."""
 
 
+def one_line(err: Exception) -> str:
+    """A user error's message. One raised in a DataLoader worker process arrives wrapped in
+    that worker's traceback (torch re-raises it with the traceback as its text), whose last
+    line holds the message."""
+    text = str(err).rstrip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    name = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 # What a command reports in one line (exit code 2 before any work, 1 after it started).
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirectoryBusy, NonFiniteLossError,
                SubmitError, PlotError)

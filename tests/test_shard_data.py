@@ -184,8 +184,7 @@ def test_storage_that_keeps_failing_is_retried_then_one_error_naming_the_shard(m
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setattr("dino_dist.data.shard_store.RETRY_DELAYS_S", (0.01,))
-    store = S3Store("s3://bucket/prefix")
+    store = S3Store("s3://bucket/prefix", retry_s=0.01)
     with pytest.raises(DataError, match=r"s3://bucket/prefix/000001.tar"):
         store.read("000001.tar", 0, 10)
 

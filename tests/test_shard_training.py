@@ -154,8 +154,9 @@ def test_sigkill_mid_epoch_then_resume_on_1_then_2_ranks_sees_the_same_samples(s
 
 # ---------------------------------------------------------------- S3-compatible storage
 
-S3_RUN = {"train.epochs": 1, "train.max_steps": 3, "optim.batch_size_per_gpu": 8,
-          "data.num_workers": 2}
+S3_RUN = {"train.epochs": 1, "optim.batch_size_per_gpu": 8, "data.num_workers": 2,
+          "checkpoint.every_steps": 1}
+S3_FINAL = 6
 
 
 @pytest.fixture(scope="module")
@@ -176,16 +177,20 @@ def s3(shards):
     stop()
 
 
+def s3_overrides(data_path: str, out: Path, **extra) -> list[str]:
+    return tiny_overrides(data_path, out, **{**S3_RUN, "data.index_cache": out / "index", **extra})
+
+
 def train_once(data_path: str, out: Path, env: dict, **extra) -> dict:
-    overrides = tiny_overrides(data_path, out, **S3_RUN, **{"data.index_cache": out / "index"}, **extra)
-    result = subprocess.run(train_command(overrides, 1), cwd=REPO, env={**subprocess_env(), **env},
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(train_command(s3_overrides(data_path, out, **extra), 1), cwd=REPO,
+                            env={**subprocess_env(), **env}, capture_output=True, text=True,
+                            timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if extra.get("eval.knn_at_end"):
         assert re.search(r"k-NN .*top-1 \d", result.stdout + result.stderr), result.stdout[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(row.get("skipped_images", 0) == 0 for row in rows), "a sample was skipped"
-    return state_at(out, 3)
+    return state_at(out, S3_FINAL)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +229,33 @@ def start_with(data_path: str, out: Path) -> subprocess.CompletedProcess:
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     return result
+
+
+def test_storage_failing_mid_run_stops_it_in_one_line_and_the_restart_resumes_exactly(
+        s3, local_state, tmp_path):
+    endpoint, credentials = s3
+    with FlakyProxy(endpoint, drop_every=10**9) as proxy:
+        process = subprocess.Popen(
+            # One batch fetched ahead per loader process: steps 4-6 must read after the failure.
+            train_command(s3_overrides("s3://datasets/set", tmp_path, **{"data.read_retry_s": 1,
+                                                                         "data.prefetch_factor": 1}), 1),
+            cwd=REPO, env={**subprocess_env(), **credentials, "AWS_ENDPOINT_URL": proxy.url,
+                           "DINO_DIST_TEST_STEP_DELAY_S": "0.5"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        saved = tmp_path / "checkpoints" / "step_00000001.pt.manifest.json"
+        deadline = time.monotonic() + 120
+        while not saved.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxy.drop_every = 1  # from now on every request fails
+        stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 1, stdout[-2000:] + stderr[-3000:]
+    errors = [line for line in (stdout + stderr).splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stdout[-2000:] + stderr[-3000:]
+    assert re.search(r"reading shard 's3://datasets/set/\d{6}\.tar': gave up after \d+ attempts", errors[0])
+    kept = sorted((tmp_path / "checkpoints").glob("step_*.pt"))
+    assert kept and kept[-1].name < f"step_{S3_FINAL:08d}.pt"
+    # The storage is back: the same command resumes and ends where an unbroken run ends.
+    resumed = train_once("s3://datasets/set", tmp_path, credentials)
+    for part in ("student", "teacher", "loss"):
+        err, key = max_relative_error(resumed[part], local_state[part])
+        assert err <= 1e-6, f"{part}.{key} differs by {err:.2e} relative"

@@ -7,12 +7,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from dino_dist.distributed.env import DistEnv, init_distributed, read_launch_env, teardown
-from dino_dist.errors import USER_ERRORS
+from dino_dist.errors import USER_ERRORS, one_line
 
 
 def report_error(prog: str, err: Exception | str) -> int:
     """`prog: error: ...` on stderr (the message names the problem and the fix); exit code 2."""
-    print(f"{prog}: error: {err}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(err) if isinstance(err, Exception) else err}", file=sys.stderr)
     return 2
 
 

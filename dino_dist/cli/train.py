@@ -21,7 +21,7 @@ from dino_dist.distributed.env import init_distributed, teardown
 from dino_dist.distributed.lifeline import watch_launcher
 from dino_dist.distributed.slurm_env import under_slurm
 from dino_dist.distributed.stop import ignore_stop_signals, install_stop_handlers
-from dino_dist.errors import USER_ERRORS, RunDirectoryBusy
+from dino_dist.errors import USER_ERRORS, DataError, RunDirectoryBusy, one_line
 
 LOG = logging.getLogger("dino_dist")
 STARTUP_TIMEOUT_S = 1800  # scanning a large dataset or writing the demo images can take a while
@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except USER_ERRORS as err:
         if env.is_main and LOG.handlers:
-            LOG.error("dino-train: error: %s", err)
-        elif env.is_main:  # failed before logging was set up
-            print(f"dino-train: error: {err}", file=sys.stderr)
+            LOG.error("dino-train: error: %s", one_line(err))
+        elif env.is_main or isinstance(err, DataError):  # data fails on one rank, maybe not 0
+            where = "" if env.is_main else f"rank {env.rank}: "
+            print(f"dino-train: error: {where}{one_line(err)}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:
         explained = describe_collective_failure(err, cfg.train.dist_timeout_s)

@@ -13,14 +13,16 @@ from .folder import KNN_HINT, PATH_HINT, FolderImages
 from .images import ImageSet
 from .shard_images import READ_THREADS, ShardImages
 from .shard_set import looks_like_shard_set
+from .shard_store import RETRY_S
 
 
 def open_images(path: str | Path, what: str = "data.path", hint: str = PATH_HINT,
-                read_threads: int = READ_THREADS, cache_dir: str | None = None) -> ImageSet:
+                read_threads: int = READ_THREADS, cache_dir: str | None = None,
+                retry_s: float = RETRY_S) -> ImageSet:
     """A folder of images, or the shard set data.path names (s3://, a .tar pattern, a folder of
     .tar shards); a path that is neither gets one DataError naming `what` and the fix."""
     if looks_like_shard_set(str(path)):
-        return ShardImages(str(path), cache_dir, read_threads)
+        return ShardImages(str(path), cache_dir, read_threads, retry_s)
     return FolderImages(path, what, hint)
 
 

@@ -36,7 +36,8 @@ def open_training_images(cfg: Any) -> ImageSet:
     if cfg.path == DEMO:
         return open_images(_demo_root(cfg) / "train")
     path = cfg.path if "://" in cfg.path else str(Path(cfg.path).expanduser())
-    images = open_images(path, read_threads=cfg.read_threads, cache_dir=cfg.index_cache or None)
+    images = open_images(path, read_threads=cfg.read_threads, cache_dir=cfg.index_cache or None,
+                         retry_s=cfg.read_retry_s)
     if cfg.order == "shard_windows" and not isinstance(images, ShardImages):
         raise DataError(f"data.order=shard_windows needs a shard set, and data.path '{cfg.path}' is a "
                         "folder of images: set data.order=random, or write shards with dino-shard")

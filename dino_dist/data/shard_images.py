@@ -18,15 +18,17 @@ import torch
 
 from .images import ImageSet, decode_bytes
 from .shard_set import ShardSet
+from .shard_store import RETRY_S
 
 READ_THREADS = 16  # concurrent ranged reads per loader process
 
 
 class ShardImages(ImageSet):
-    def __init__(self, path: str, cache_dir: str | None = None, read_threads: int = READ_THREADS) -> None:
+    def __init__(self, path: str, cache_dir: str | None = None, read_threads: int = READ_THREADS,
+                 retry_s: float = RETRY_S) -> None:
         super().__init__()
         self.root = path
-        self.shards = ShardSet.open(path, cache_dir)
+        self.shards = ShardSet.open(path, cache_dir, retry_s)
         self.read_threads = read_threads
         self._fetched: dict[int, bytes] = {}
         self._pool: ThreadPoolExecutor | None = None

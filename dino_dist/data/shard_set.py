@@ -15,8 +15,9 @@ import numpy as np
 
 from dino_dist.errors import DataError
 
+from .folder import is_image
 from .shard_index import INDEX_DIR, ShardIndex, read_index
-from .shard_store import S3_SCHEME, SHARD_SUFFIX, LocalStore, S3Store, is_remote, open_store
+from .shard_store import RETRY_S, SHARD_SUFFIX, LocalStore, S3Store, is_remote, open_store
 
 _BRACES = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
@@ -42,12 +43,18 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def looks_like_shard_set(path: str) -> bool:
-    """True when data.path names shards: s3://, a .tar pattern, or a folder holding .tar files."""
+    """True when data.path names shards: s3://, a .tar pattern, a folder with a shard index,
+    or a folder holding only .tar files (an image folder with a stray archive stays a folder)."""
     if is_remote(path) or path.endswith(SHARD_SUFFIX) or "{" in path:
         return True
     folder = Path(path).expanduser()
-    return (folder / INDEX_DIR).is_dir() or (
-        folder.is_dir() and any(p.suffix == SHARD_SUFFIX for p in folder.iterdir()))
+    if (folder / INDEX_DIR).is_dir():
+        return True
+    if not folder.is_dir():
+        return False
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return any(p.suffix == SHARD_SUFFIX for p in entries) and not any(
+        p.is_dir() or is_image(p) for p in entries)
 
 
 def split_location(path: str) -> tuple[str, str | None]:
@@ -72,9 +79,9 @@ class ShardSet:
     starts: np.ndarray  # dataset position of each selected shard's first sample, plus the total
 
     @classmethod
-    def open(cls, path: str, cache_dir: str | None = None) -> "ShardSet":
+    def open(cls, path: str, cache_dir: str | None = None, retry_s: float = RETRY_S) -> "ShardSet":
         location, pattern = split_location(path)
-        store = open_store(location)
+        store = open_store(location, retry_s)
         index = read_index(store, cache_dir)
         names = [s.name for s in index.shards]
         chosen = _choose(names, pattern, path)

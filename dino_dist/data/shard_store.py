@@ -23,7 +23,7 @@ from dino_dist.errors import DataError
 S3_SCHEME = "s3://"
 SHARD_SUFFIX = ".tar"
 OPEN_SHARDS_PER_PROCESS = 64  # bounded so 100k shards never exhaust file descriptors
-RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)  # ~16 s in all before a read is given up
+RETRY_S = 30.0  # backoff before a failing read is given up (data.read_retry_s)
 # The S3 client retries a little itself (throttling answers need it); the backoff above is the
 # policy, so the client's own is kept short, and a hung connection is given up in seconds.
 CLIENT_RETRIES = 2
@@ -46,12 +46,20 @@ def is_transient(error: Exception) -> bool:
     return isinstance(error, (OSError, EOFError)) or type(error).__module__.split(".")[0] in NETWORK_MODULES
 
 
-def with_retries(what: str, read: Callable[[], T], delays: tuple[float, ...] | None = None) -> T:
+def backoff_delays(total_s: float) -> tuple[float, ...]:
+    """Waits that double from 0.2 s (at most 8 s each) and add up to `total_s`."""
+    delays, wait = [], 0.2
+    while sum(delays) < total_s:
+        delays.append(min(wait, 8.0, total_s - sum(delays)))
+        wait *= 2
+    return tuple(delays)
+
+
+def with_retries(what: str, read: Callable[[], T], delays: tuple[float, ...]) -> T:
     """`read()`, retried after each delay when the storage fails; then one DataError naming `what`.
 
     A missing file or a refused permission is not transient: it fails at once.
     """
-    delays = RETRY_DELAYS_S if delays is None else delays
     for attempt in range(len(delays) + 1):
         try:
             return read()
@@ -75,17 +83,18 @@ def with_retries(what: str, read: Callable[[], T], delays: tuple[float, ...] | N
 class LocalStore:
     """Shards in a local or network-mounted folder."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, retry_s: float = RETRY_S) -> None:
         self.folder = Path(folder).expanduser()
         self.location = str(self.folder)
+        self.retry_s, self.delays = retry_s, backoff_delays(retry_s)
         self._files: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"folder": self.folder}
+        return {"folder": self.folder, "retry_s": self.retry_s}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["folder"])
+        self.__init__(state["folder"], state["retry_s"])
 
     def list_shards(self) -> dict[str, int]:
         """{name: size in bytes} of the .tar files in the folder."""
@@ -98,7 +107,7 @@ class LocalStore:
     def read(self, name: str, offset: int, size: int) -> bytes:
         # NFS can fail a read for a moment (a server failing over): retried like S3.
         data = with_retries(f"reading shard '{self.folder / name}'",
-                            lambda: os.pread(self._open(name), size, offset))
+                            lambda: os.pread(self._open(name), size, offset), self.delays)
         if len(data) != size:
             raise DataError(f"shard '{self.folder / name}' ends before byte {offset + size}: it changed "
                             "after it was indexed; re-run dino-shard --index on the folder")
@@ -144,44 +153,48 @@ class S3Store:
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), as every S3 tool reads them.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retry_s: float = RETRY_S) -> None:
         self.url = url.rstrip("/")
+        self.retry_s, self.delays = retry_s, backoff_delays(retry_s)
         self.location = self.url
         self._prefix = self.url[len(S3_SCHEME):]
         self._fs = None
         self._pid = -1
 
     def __getstate__(self) -> dict:
-        return {"url": self.url}
+        return {"url": self.url, "retry_s": self.retry_s}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"])
+        self.__init__(state["url"], state["retry_s"])
 
     def list_shards(self) -> dict[str, int]:
         def listing() -> dict[str, int]:
             found = self.fs.ls(self._prefix, detail=True, refresh=True)
             return {entry["name"].rsplit("/", 1)[-1]: int(entry["size"]) for entry in found
                     if entry.get("type") == "file" and entry["name"].endswith(SHARD_SUFFIX)}
-        return with_retries(f"listing '{self.url}'", listing)
+        return with_retries(f"listing '{self.url}'", listing, self.delays)
 
     def read(self, name: str, offset: int, size: int) -> bytes:
         path = f"{self._prefix}/{name}"
         data = with_retries(f"reading shard '{self.url}/{name}'",
-                            lambda: self.fs.cat_file(path, start=offset, end=offset + size))
+                            lambda: self.fs.cat_file(path, start=offset, end=offset + size), self.delays)
         if len(data) != size:
             raise DataError(f"shard '{self.url}/{name}' ends before byte {offset + size}: it changed "
                             "after it was indexed; re-run dino-shard --index on the prefix")
         return data
 
     def read_file(self, name: str) -> bytes:
-        return with_retries(f"reading '{self.url}/{name}'", lambda: self.fs.cat_file(f"{self._prefix}/{name}"))
+        return with_retries(f"reading '{self.url}/{name}'", lambda: self.fs.cat_file(f"{self._prefix}/{name}"),
+                            self.delays)
 
     def exists(self, name: str) -> bool:
-        return with_retries(f"looking for '{self.url}/{name}'", lambda: self.fs.exists(f"{self._prefix}/{name}"))
+        return with_retries(f"looking for '{self.url}/{name}'", lambda: self.fs.exists(f"{self._prefix}/{name}"),
+                            self.delays)
 
     def write_file(self, name: str, data: bytes) -> None:
         # One PUT: an S3 object is whole or absent, as a renamed local file is.
-        with_retries(f"writing '{self.url}/{name}'", lambda: self.fs.pipe_file(f"{self._prefix}/{name}", data))
+        with_retries(f"writing '{self.url}/{name}'", lambda: self.fs.pipe_file(f"{self._prefix}/{name}", data),
+                     self.delays)
 
     def local_path(self, name: str) -> None:
         return None
@@ -202,5 +215,5 @@ class S3Store:
         return self._fs
 
 
-def open_store(location: str) -> LocalStore | S3Store:
-    return S3Store(location) if is_remote(location) else LocalStore(location)
+def open_store(location: str, retry_s: float = RETRY_S) -> LocalStore | S3Store:
+    return S3Store(location, retry_s) if is_remote(location) else LocalStore(location, retry_s)
