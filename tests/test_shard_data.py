@@ -210,3 +210,14 @@ def test_a_bug_is_not_retried_as_if_the_network_failed():
     with pytest.raises(TypeError):
         with_retries("reading shard 'x'", buggy, delays=(0.0, 0.0))
     assert len(calls) == 1
+
+
+def test_a_feature_cache_tells_shard_sets_apart(shards, tmp_path):
+    # dino-linear names its feature cache by what the images are: another selection of shards,
+    # or the same names with other contents, must not reuse it.
+    whole = LabelledImageDataset(shards, eval_transform(16)).images.identity
+    assert LabelledImageDataset(shards, eval_transform(16)).images.identity == whole
+    part = LabelledImageDataset(f"{shards}/{{000000..000002}}.tar", eval_transform(16)).images.identity
+    assert part != whole
+    other = write_shards(tmp_path / "other", bad=(0,))
+    assert LabelledImageDataset(other, eval_transform(16)).images.identity[1] != whole[1]

@@ -67,8 +67,15 @@ class ShardImages(ImageSet):
 
     @property
     def identity(self) -> list[str]:
-        shards = [self.shards.index.shards[i] for i in self.shards.shard_ids]
-        digest = hashlib.sha256(json.dumps([[s.name, s.bytes, s.samples] for s in shards]).encode())
+        """The location and a digest of the selected shards' index rows: a shard rewritten
+        with other images changes their sizes (one pass over the rows: for evaluation sets)."""
+        index = self.shards.index
+        digest = hashlib.sha256()
+        for i in self.shards.shard_ids:
+            shard = index.shards[i]
+            digest.update(json.dumps([shard.name, shard.bytes, shard.samples]).encode())
+            rows = slice(int(index.shard_starts[i]), int(index.shard_starts[i + 1]))
+            digest.update(np.ascontiguousarray(index.samples[rows]).tobytes())
         return [self.shards.store.location, digest.hexdigest()]
 
     def prefetch(self, positions: Sequence[int]) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +51,12 @@ class ShardIndex:
     samples: np.ndarray  # SAMPLE_DTYPE, one row per sample
     keys: np.ndarray  # |S<n>, one key per row
 
-    @property
-    def shard_starts(self) -> np.ndarray:
-        """Row of each shard's first sample, plus the total at the end."""
-        return np.concatenate([[0], np.cumsum([s.samples for s in self.shards], dtype=np.int64)])
+    shard_starts: np.ndarray = field(init=False)  # row of each shard's first sample, plus the total
+
+    def __post_init__(self) -> None:
+        # Once: every sample read looks its shard up here.
+        counts = np.array([s.samples for s in self.shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
 
 
 def write_index(store: LocalStore | S3Store, shards: list[ShardEntry], samples: np.ndarray,
