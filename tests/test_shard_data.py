@@ -221,3 +221,13 @@ def test_a_feature_cache_tells_shard_sets_apart(shards, tmp_path):
     assert part != whole
     other = write_shards(tmp_path / "other", bad=(0,))
     assert LabelledImageDataset(other, eval_transform(16)).images.identity[1] != whole[1]
+
+
+def test_the_data_benchmark_times_a_shard_set(shards, capsys):
+    from dino_dist.cli.bench import main
+
+    assert main(["--data-only", "--images", str(shards), "--rounds", "1", "--images-per-round", "4",
+                 "data.global_crop_size=32", "data.local_crop_size=16", "data.local_crops_number=2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["source"] == "shards" and report["images"] == str(shards)
+    assert report["project_images_per_s_per_worker"] > 0 and "speedup_vs_reference" not in report
