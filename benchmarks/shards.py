@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,25 +34,16 @@ from dino_dist.data.sampler import ShardedEpochSampler  # noqa: E402
 from dino_dist.data.shard_index import SAMPLE_DTYPE, ShardEntry, write_index  # noqa: E402
 from dino_dist.data.shard_store import LocalStore  # noqa: E402
 from dino_dist.data.shard_write import write_shards  # noqa: E402
+from tests.s3_server import start_s3_server  # noqa: E402
 
 BUCKET = "dinobench"
 
 
-def start_s3(shards: Path) -> tuple[subprocess.Popen, dict]:
+def start_s3(shards: Path) -> tuple[Callable[[], None], dict]:
+    """The test suite's local S3 server (moto's), holding the shards under s3://dinobench/set."""
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    endpoint, stop = start_s3_server()
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
@@ -62,7 +52,7 @@ def start_s3(shards: Path) -> tuple[subprocess.Popen, dict]:
     for path in sorted(shards.rglob("*")):
         if path.is_file() and not path.name.startswith("."):
             client.upload_file(str(path), BUCKET, f"set/{path.relative_to(shards)}")
-    return server, env
+    return stop, env
 
 
 def loader_rates(sources: dict[str, str], images: int, rounds: int, batch: int) -> dict[str, float]:
@@ -127,13 +117,13 @@ def main() -> None:
         tmp = Path(tmp)
         folder = ensure_bench_images(tmp / "jpegs", count=args.images)
         write_shards(folder, tmp / "shards", samples_per_shard=64, progress=False)
-        server, _ = start_s3(tmp / "shards")
+        stop_s3, _ = start_s3(tmp / "shards")
         try:
             rates = loader_rates({"folder": str(folder), "shards, local disk": str(tmp / "shards"),
                                   "shards, local S3 server": f"s3://{BUCKET}/set"},
                                  args.images, args.rounds, args.batch)
         finally:
-            server.kill()
+            stop_s3()
         index = tmp / "shards" / "dino-index"
         per_sample = sum((index / n).stat().st_size for n in ("samples.npy", "keys.npy")) / args.images
         synthetic_index(tmp / "big", args.samples)

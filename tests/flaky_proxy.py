@@ -7,6 +7,7 @@ The proxy counts what it dropped, so a test can prove it dropped something.
 """
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -48,15 +49,13 @@ class FlakyProxy:
             client.close()
             return
         threading.Thread(target=_pipe, args=(upstream, client), daemon=True).start()
-        try:
+        with contextlib.suppress(OSError):  # either end may go at any moment
             while data := client.recv(65536):
                 if data.startswith(REQUEST_STARTS) and self._should_drop():
                     _reset(client)
                     _reset(upstream)
                     return
                 upstream.sendall(data)
-        except OSError:
-            pass
         _close(client, upstream)
 
     def _should_drop(self) -> bool:
@@ -72,26 +71,20 @@ REQUEST_STARTS = (b"GET ", b"HEAD ", b"PUT ", b"POST ", b"DELETE ")
 
 def _reset(end: socket.socket) -> None:
     """Close with linger 0: the peer sees a connection reset, not an orderly end."""
-    try:
+    with contextlib.suppress(OSError):
         end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     end.close()
 
 
 def _close(*ends: socket.socket) -> None:
     for end in ends:
-        try:
+        with contextlib.suppress(OSError):  # already closed by the other side
             end.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         end.close()
 
 
 def _pipe(source: socket.socket, target: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         while data := source.recv(65536):
             target.sendall(data)
-    except OSError:
-        pass
     _close(source, target)

@@ -7,6 +7,7 @@ counted, and the image is named once in a warning.
 """
 from __future__ import annotations
 
+import abc
 import io
 import warnings
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ def decode_bytes(data: bytes) -> torch.Tensor:
     return image if image.dtype == torch.uint8 else TF.to_dtype(image, torch.uint8, scale=True)
 
 
-class ImageSet:
+class ImageSet(abc.ABC):
     """Images by position, with the skip-bad-images policy. Subclasses say how to decode,
     label and name position i, and what identifies their contents (for feature caches)."""
 
@@ -49,22 +50,27 @@ class ImageSet:
         # Per process (each DataLoader worker has its own copy): warn once per image.
         self._warned: set[str] = set()
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, position: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def label(self, position: int) -> int:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def name(self, position: int) -> str:
-        raise NotImplementedError
+        ...
 
     @property
+    @abc.abstractmethod
     def identity(self) -> object:
         """JSON-able, and different whenever the images or their order differ."""
-        raise NotImplementedError
+        ...
 
     def prefetch(self, positions: Sequence[int]) -> None:
         """A hint: these positions are read next (a remote source fetches them together)."""
