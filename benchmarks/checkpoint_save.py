@@ -23,9 +23,8 @@ import torch
 from dino_dist.checkpoint.writer import CheckpointWriter
 from dino_dist.config import load_config
 from dino_dist.distributed.env import DistEnv
-from dino_dist.training.build import build_optimizer, build_student_teacher
+from dino_dist.training.build import build_objective, build_optimizer, build_student_teacher
 from dino_dist.training.engine import DinoEngine
-from dino_dist.training.loss import DINOLoss
 from dino_dist.training.schedules import build_schedules
 from dino_dist.training.state import TrainingState
 
@@ -44,7 +43,7 @@ def state_for(config_path: str, overrides: list[str]) -> TrainingState:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    engine = DinoEngine(student, student, teacher, DINOLoss(cfg.model.out_dim), optimizer,
+    engine = DinoEngine(student, student, teacher, build_objective(cfg, torch.device("cpu")), optimizer,
                         build_schedules(cfg, 1, 1), env)
     state = TrainingState(engine, NoEvaluation(), cfg.to_dict(), env)
     state.cfg = cfg

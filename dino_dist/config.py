@@ -36,7 +36,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml
 
 # dino_dist.models keeps its own table (and imports torch, which config must not); a test
 # checks the two name the same archs.
-ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_mini", "resnet50")
+ARCH_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_mini", "resnet50")
 LR_SCHEDULES = ("cosine", "linear", "cosine_restarts", "polynomial", "constant_after_decay")
 # What a periodic evaluation reports: eval.best_metric and train.early_stopping.metric.
 EVAL_METRICS = ("knn_top1", "knn_top5", "val_loss")
@@ -158,6 +158,25 @@ class ModelConfig:
     # block-diagonal attention (one pass through every layer) instead of one pass per crop
     # resolution. Same outputs; which is faster depends on the device and the model.
     packed_crops: bool = False
+    # DINOv2's backbone options (ViTs). LayerScale on both residual branches, initialised to
+    # this value (DINOv2: 1e-5); 0 = off.
+    layerscale: float = non_negative(0.0)
+    # Register tokens after the CLS token ("Vision Transformers Need Registers"; DINOv2 uses 4)
+    num_registers: int = ruled(0, lambda v: 0 <= v <= 16, "must be between 0 and 16")
+    ffn: str = choice("mlp", ("mlp", "swiglu"))  # the blocks' feed-forward: GELU MLP or SwiGLU
+    # One stochastic-depth rate for every block (DINOv2) instead of rising with depth (DINO)
+    drop_path_uniform: bool = False
+
+
+def _check_dinov2_backbone(model: ModelConfig) -> None:
+    # LayerScale, registers and SwiGLU are transformer parts: a ResNet has none of them.
+    if model.arch.startswith("vit"):
+        return
+    for key, value, off in (("layerscale", model.layerscale, 0.0),
+                            ("num_registers", model.num_registers, 0), ("ffn", model.ffn, "mlp")):
+        if value != off:
+            raise ConfigError(f"model.{key}={value} needs a ViT arch, not model.arch="
+                              f"{model.arch}: set model.{key}={off}")
 
 
 def _check_packed_crops(model: ModelConfig) -> None:
@@ -184,6 +203,13 @@ class OptimConfig:
     accum_steps: int = positive(1)  # micro-batches per optimizer step
     # Peak learning rate for a total batch of 256; scaled linearly by the real total batch
     lr: float = non_negative(0.0005)
+    # How lr follows the total batch: linear_256 = lr x batch / 256 (DINO); sqrt_1024 =
+    # lr x sqrt(batch / 1024) (DINOv2's base_lr)
+    lr_scaling: str = choice("linear_256", ("linear_256", "sqrt_1024"))
+    # ViTs: block i's learning rate is lr x layerwise_decay^(depth - i) (embeddings: depth + 1,
+    # head: 1); 1 = the same lr everywhere (DINO). DINOv2: 0.9 for ViT-S/B, 1.0 for ViT-L.
+    layerwise_decay: float = ruled(1.0, lambda v: 0 < v <= 1, "must be in (0, 1]")
+    patch_embed_lr_mult: float = positive(1.0)  # the patch embedding's lr factor (DINOv2: 0.2)
     min_lr: float = non_negative(1e-6)  # learning rate at the end of the schedule
     # After warm-up: cosine (DINO) | linear | cosine_restarts | polynomial | constant_after_decay
     lr_schedule: str = choice("cosine", LR_SCHEDULES)
@@ -230,6 +256,31 @@ class LossConfig:
     warmup_teacher_temp_epochs: int = non_negative(0)  # epochs of the teacher-temp warm-up
     # EMA momentum of the center subtracted from the teacher's output (against collapse)
     center_momentum: float = unit_interval(0.9)
+    # How the teacher's outputs are balanced over the prototypes: "center" (DINO: an EMA
+    # center subtracted) or "sinkhorn_knopp" (DINOv2: an equipartition of the whole optimizer
+    # step's batch, all ranks and micro-batches together). Also serves the iBOT patch loss.
+    centering: str = choice("center", ("center", "sinkhorn_knopp"))
+    sinkhorn_iterations: int = positive(3)  # Sinkhorn-Knopp normalisation rounds (DINOv2: 3)
+    # KoLeo regulariser on the student's CLS features of the global crops (DINOv2: 0.1); 0 = off
+    koleo_weight: float = non_negative(0.0)
+    # "global": nearest neighbours over the whole step's batch, all ranks and micro-batches
+    # (the value does not change with the world size); "per_rank": DINOv2's own form, within
+    # each rank's micro-batch (for comparison with DINOv2 runs)
+    koleo_scope: str = choice("global", ("global", "per_rank"))
+
+
+@dataclass
+class IbotConfig:
+    """iBOT's masked-patch loss (DINOv2): some of the student's global-crop patches are
+    replaced by a learned mask token and must predict the teacher's patch tokens there."""
+    weight: float = non_negative(0.0)  # the patch loss's weight (DINOv2: 1.0); 0 = off
+    # The share of global crops that are masked (each crop drawn from its sample's own seed)
+    mask_probability: float = unit_interval(0.5)
+    # The masked share of a masked crop's patches: drawn from [low, high] (block-wise masks)
+    mask_ratio: list[float] = low_high([0.1, 0.5], ceiling=1)
+    # A patch head of its own (DINOv2's ViT-L/g) instead of the DINO head shared with CLS
+    separate_head: bool = False
+    out_dim: int = non_negative(0)  # prototypes of a separate patch head; 0 = model.out_dim
 
 
 @dataclass
@@ -318,6 +369,15 @@ class EvalConfig:
     attention_images: str = ""
 
 
+def _check_ibot(cfg: Config) -> None:
+    # Masked patches are ViT tokens, and the loss needs a teacher crop beside each masked one.
+    if cfg.ibot.weight == 0:
+        return
+    if not cfg.model.arch.startswith("vit"):
+        raise ConfigError(f"ibot.weight={cfg.ibot.weight} needs a ViT arch (patch tokens), not "
+                          f"model.arch={cfg.model.arch}: set ibot.weight=0")
+
+
 def _check_eval_paths(e: EvalConfig) -> None:
     # k-NN needs both: a labelled bank (train) and labelled queries to score (val).
     if bool(e.train_path) != bool(e.val_path):
@@ -401,6 +461,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -532,6 +593,8 @@ def validate(cfg: Config) -> None:
     _check_fields(cfg, prefix="")
     _check_crops_fit_patches(cfg.model, cfg.data)  # after patch_size is known to be > 0
     _check_packed_crops(cfg.model)
+    _check_dinov2_backbone(cfg.model)
+    _check_ibot(cfg)
     _check_schedule_epochs(cfg.optim)
     _check_eval_paths(cfg.eval)
     _check_crop_count(cfg.data)

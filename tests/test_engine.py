@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dino_dist.training.build import build_optimizer, build_student_teacher, seed_everything
+from dino_dist.training.build import build_objective, build_optimizer, build_student_teacher, seed_everything
 from dino_dist.config import load_config
 from dino_dist.distributed.env import DistEnv
 from dino_dist.errors import NonFiniteLossError
@@ -24,7 +24,7 @@ CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 def make_engine(cfg) -> DinoEngine:
     seed_everything(0)
     student, teacher = build_student_teacher(cfg)
-    return DinoEngine(student, student, teacher, DINOLoss(cfg.model.out_dim),
+    return DinoEngine(student, student, teacher, build_objective(cfg, torch.device("cpu")),
                       build_optimizer(student, cfg, CPU.device),
                       build_schedules(cfg, 1, steps_per_epoch=4), CPU,
                       precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
@@ -110,14 +110,14 @@ def test_mixed_precision_trains_on_cpu(tmp_path, precision, steps, image_folder)
 NAN_ON_RANK_1 = """
 import os, sys
 from dino_dist.training import loss as loss_module
-forward, calls = loss_module.DINOLoss.forward, []
+forward, calls = loss_module.DINOLoss.cross_entropy, []
 def poisoned(self, *args, **kwargs):
     out = forward(self, *args, **kwargs)
     calls.append(1)
     if os.environ.get("RANK") == "1" and len(calls) >= 3:
         return out * float("nan")
     return out
-loss_module.DINOLoss.forward = poisoned
+loss_module.DINOLoss.cross_entropy = poisoned
 from dino_dist.cli.train import main
 sys.exit(main(sys.argv[1:]))
 """

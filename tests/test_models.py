@@ -420,8 +420,8 @@ def test_resnet50_backbone_is_torchvisions_resnet50_without_the_classifier():
 
 
 def test_arch_names_and_builder():
-    assert set(ARCH_NAMES) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_mini",
-                               "resnet50"}
+    assert set(ARCH_NAMES) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2",
+                               "vit_mini", "resnet50"}
     model = build_model("vit_mini", 8, 0.1, 30, head_hidden_dim=32, head_bottleneck_dim=16)
     assert isinstance(model, MultiCropWrapper)
     assert model.backbone.embed_dim == 128

@@ -19,6 +19,8 @@ from dino_dist.bench.floor import ModelFloor
 from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.config import Config
+from dino_dist.data import sample_seed, split_batch
+from dino_dist.data.batch import collate_masks
 from dino_dist.distributed.env import DistEnv
 from dino_dist.observe.memory import host_peak_rss_mb, peak_memory_mb
 
@@ -41,13 +43,25 @@ def synthetic_crops(cfg: Config, device: torch.device, seed: int = 0) -> list[to
     return [torch.randn(batch, 3, size, size, generator=generator).to(device) for size in sizes]
 
 
-def folder_batches(loader, sampler) -> Iterator[tuple[list[torch.Tensor], int]]:
-    """The real loader, epoch after epoch: (crops, skipped images)."""
+def synthetic_masks(cfg: Config, device: torch.device) -> torch.Tensor | None:
+    """The iBOT masks of one batch (samples 0..B-1 of epoch 0), as the loader draws them."""
+    from dino_dist.training.build import build_masking
+    masking = build_masking(cfg)
+    if masking is None:
+        return None
+    samples = [(None, 0, 0, masking(sample_seed(cfg.train.seed, 0, index, "masks")))
+               for index in range(cfg.optim.batch_size_per_gpu)]
+    return collate_masks(samples)[0].to(device)
+
+
+def folder_batches(loader, sampler) -> Iterator[tuple[list[torch.Tensor], int, torch.Tensor | None]]:
+    """The real loader, epoch after epoch: (crops, skipped images, masks)."""
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
-        for crops, _labels, skipped in loader:
-            yield crops, skipped
+        for batch in loader:
+            crops, _labels, skipped, masks = split_batch(batch)
+            yield crops, skipped, masks
         epoch += 1
 
 
@@ -64,10 +78,11 @@ class StepRunner:
         engine = self.engine
         schedule_step = min(self.step, engine.schedules.total_steps - 1)
         for micro in range(self.accum_steps):
-            crops, skipped = next(self.batches)
+            crops, skipped, masks = next(self.batches)
             engine.clock.mark("data")
             engine.micro_step(crops, schedule_step, 1.0 / self.accum_steps,
-                              sync_grads=micro == self.accum_steps - 1, skipped_images=skipped)
+                              sync_grads=micro == self.accum_steps - 1, skipped_images=skipped,
+                              masks=masks)
         # As the training loop's ordinary steps: the step's figures are read a step later.
         engine.finish_step(schedule_step, self.epoch, read_now=False)
         self.step += 1
@@ -121,7 +136,8 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
         training.student.compile()
         training.teacher.compile()
     if settings.synthetic:
-        batches = iter(lambda: (floor_crops, 0), None)
+        floor_masks = synthetic_masks(cfg, device)
+        batches = iter(lambda: (floor_crops, 0, floor_masks), None)
     else:
         batches = folder_batches(training.loader, training.sampler)
     # Past the frozen-last-layer epochs, so the optimizer updates every parameter.

@@ -2,6 +2,7 @@
 
     dino-export RUN/checkpoints/step_00012000       [--output teacher_backbone.pth]
     dino-export RUN/checkpoints/step_00012000 --format timm [--safetensors]
+    dino-export RUN/checkpoints/step_00012000 --format dinov2
 
 The default output is a plain state dict under the official DINO key names (what
 `facebookresearch/dino`'s pretrained files hold), so it loads with `strict=True` into
@@ -9,6 +10,9 @@ The default output is a plain state dict under the official DINO key names (what
 records the architecture for `dino-knn --checkpoint <output>` and other tools. `--format timm`
 writes weights that `timm.create_model(NAME, num_classes=0)` loads with `strict=True` (NAME
 and any arguments are in the `.json` and the printed line), as `.safetensors` if asked.
+`--format dinov2` writes the official dinov2 backbone's state dict: the `.json` holds the
+`DinoVisionTransformer` arguments (LayerScale, registers, SwiGLU as trained) that load it
+with `strict=True`.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ def report(output: Path, info: dict, numel: int) -> int:
         kwargs = "".join(f", {k}={v!r}" for k, v in info["timm_kwargs"].items())
         target = (f"for timm: timm.create_model({info['timm_model']!r}{kwargs}) loads it with "
                   f"strict=True")
+    elif info["format"] == "dinov2":
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in info["dinov2_kwargs"].items())
+        target = f"for dinov2: DinoVisionTransformer({kwargs}) loads it with strict=True"
     else:
         target = "under the official DINO key names"
     print(f"wrote {output}: {info['which']} backbone of step {info['step']} ({info['arch']}, "
@@ -39,7 +46,8 @@ def report(output: Path, info: dict, numel: int) -> int:
 def default_output(checkpoint: Path, which: str, target: str, safetensors: bool) -> Path:
     named = CHECKPOINT_PATTERN.match(checkpoint.name)
     step = int(named.group(1)) if named else 0
-    suffix = ("_timm" if target == "timm" else "") + (SAFETENSORS_SUFFIX if safetensors else ".pth")
+    named_format = "" if target == "dino" else f"_{target}"
+    suffix = named_format + (SAFETENSORS_SUFFIX if safetensors else ".pth")
     return checkpoint.parent.parent / f"{which}_backbone_step{step}{suffix}"
 
 
@@ -58,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dino-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a step_<8 digits>.pt file or an FSDP step_<8 digits> folder")
     parser.add_argument("--output", type=Path, default=None,
-                        help="default: <which>_backbone_step<N>[_timm].pth in the run directory")
+                        help="default: <which>_backbone_step<N>[_timm|_dinov2].pth in the run "
+                             "directory")
     parser.add_argument("--which", choices=("teacher", "student"), default="teacher",
                         help="the teacher is what DINO evaluates and publishes")
     parser.add_argument("--format", choices=FORMATS, default="dino",
                         help="dino: the official DINO state dict; "
-                             "timm: for timm.create_model(NAME, num_classes=0)")
+                             "timm: for timm.create_model(NAME, num_classes=0); "
+                             "dinov2: the official dinov2 backbone's state dict")
     parser.add_argument("--safetensors", action="store_true",
                         help="with --format timm: write .safetensors instead of a pickled .pth")
     args = parser.parse_args(argv)

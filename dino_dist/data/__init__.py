@@ -2,6 +2,7 @@
 and says which path is used when), image folders, the demo dataset and the train loader."""
 
 from .augment import MultiCropAugmentation, eval_transform, sample_seed
+from .batch import split_batch
 from .demo import default_demo_dir, ensure_demo_dataset
 from .device_augment import DecodedBatch, crops_on_device
 from .datasets import LabelledImageDataset, MultiCropDataset, open_images
@@ -31,4 +32,5 @@ __all__ = [
     "open_images",
     "resolve_data_root",
     "sample_seed",
+    "split_batch",
 ]

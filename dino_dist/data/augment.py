@@ -20,13 +20,14 @@ from .recipe import IMAGENET_MEAN, IMAGENET_STD, MAX_BLUR_RADIUS, CropKind, Crop
 BICUBIC = v2.InterpolationMode.BICUBIC
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, stream: str = "") -> int:
     """A 63-bit seed that depends on all of (seed, epoch, index).
 
     A cryptographic hash over an unambiguous text encoding: unlike summing or
-    xor-ing, no two different triples map to related seeds.
+    xor-ing, no two different triples map to related seeds. `stream` names another
+    independent draw of the same sample (the iBOT masks: "masks"); "" is the crops'.
     """
-    key = f"{int(seed)}:{int(epoch)}:{int(index)}".encode()
+    key = f"{int(seed)}:{int(epoch)}:{int(index)}{':' + stream if stream else ''}".encode()
     digest = hashlib.blake2b(key, digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

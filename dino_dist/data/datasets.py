@@ -35,19 +35,23 @@ class MultiCropDataset:
     """
 
     def __init__(self, images: ImageSet | str | Path, augmentation: Callable[[torch.Tensor], list[torch.Tensor]],
-                 seed: int) -> None:
+                 seed: int, masking: Callable[[int], torch.Tensor] | None = None) -> None:
+        """`masking` (iBOT, data.masking.MaskSampler): seed -> the sample's global-crop patch
+        masks, drawn from a stream of the sample's own seed; a sample is then
+        (crops, label, skipped, masks)."""
         self.images = images if isinstance(images, ImageSet) else open_images(images)
         self.augmentation = augmentation
         self.seed = seed
+        self.masking = masking
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[tuple[list[torch.Tensor], int, int]]:
+    def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[tuple]:
         self.images.prefetch([index for _, index in keys])
         return [self[key] for key in keys]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor], int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         epoch, index = key
         image, label, skipped = self.images.load_or_next(index)
         # The caller's CPU RNG is restored afterwards, so sampling here never perturbs
@@ -59,7 +63,9 @@ class MultiCropDataset:
             crops = self.augmentation(image)
         finally:
             torch.set_rng_state(caller_state)
-        return crops, label, skipped
+        if self.masking is None:
+            return crops, label, skipped
+        return crops, label, skipped, self.masking(sample_seed(self.seed, epoch, index, "masks"))
 
 
 class LabelledImageDataset:

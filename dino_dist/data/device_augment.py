@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from .batch import collate_masks
 from .crop_group import gray, per_crop, rotate_hue
 from .crop_params import (BLUR_ON, BRIGHTNESS, COLUMNS, CONTRAST_OP, FLIP, GRAY, HEIGHT, HUE,
                           HUE_OP, JITTER_ON, LEFT, ORDER, SATURATION, SATURATION_OP, SIGMA,
@@ -69,15 +70,15 @@ def pad_to_canvas(images: list[torch.Tensor]) -> torch.Tensor:
     return canvas
 
 
-def collate_decoded(batch: list[tuple[DecodedSample, int, int]],
-                    recipe: CropRecipe) -> tuple[DecodedBatch, torch.Tensor, int]:
-    """Samples of CropParamSampler -> (DecodedBatch, labels, skipped), the loader's batch."""
-    samples, labels, skipped = zip(*batch)
+def collate_decoded(batch: list[tuple], recipe: CropRecipe) -> tuple:
+    """Samples of CropParamSampler -> (DecodedBatch, labels, skipped[, masks]), the loader's
+    batch (masks: iBOT, see loader.collate_masks)."""
+    samples, labels, skipped = list(zip(*batch))[:3]
     images = [sample.image for sample in samples]
     sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.long)
     params = torch.stack([sample.params for sample in samples])
     decoded = DecodedBatch(pad_to_canvas(images), params, sizes, recipe)
-    return decoded, torch.tensor(labels, dtype=torch.long), sum(skipped)
+    return (decoded, torch.tensor(labels, dtype=torch.long), sum(skipped)) + collate_masks(batch)
 
 
 # ---------------------------------------------------------------- geometry

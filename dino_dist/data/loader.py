@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .augment import MultiCropAugmentation
+from .batch import collate_masks
 from .crop_params import CropParamSampler
 from .demo import ensure_demo_dataset
 from .device_augment import collate_decoded
@@ -64,13 +65,12 @@ def demo_val_root(cfg: Any) -> Path:
     return _demo_root(cfg) / "val"
 
 
-def collate_multicrop(
-    batch: list[tuple[list[torch.Tensor], int, int]],
-) -> tuple[list[torch.Tensor], torch.Tensor, int]:
-    """Stack samples into one [B, C, H, W] tensor per crop position, plus labels and skip count."""
-    crops_per_sample, labels, skipped = zip(*batch)
+def collate_multicrop(batch: list[tuple]) -> tuple:
+    """Stack samples into one [B, C, H, W] tensor per crop position, plus labels and skip
+    count, and the iBOT masks when the samples carry them (collate_masks)."""
+    crops_per_sample, labels, skipped = list(zip(*batch))[:3]
     crops = [torch.stack(position) for position in zip(*crops_per_sample)]
-    return crops, torch.tensor(labels, dtype=torch.long), sum(skipped)
+    return (crops, torch.tensor(labels, dtype=torch.long), sum(skipped)) + collate_masks(batch)
 
 
 def loader_transform(cfg: Any) -> Callable[[torch.Tensor], Any]:
@@ -90,15 +90,17 @@ def loader_collate(cfg: Any) -> Callable[[list], tuple[Any, torch.Tensor, int]]:
 
 def build_train_loader(
     cfg: Any, batch_size: int, rank: int, world_size: int, seed: int, pin_memory: bool = False,
+    masking: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[DataLoader, ShardedEpochSampler, MultiCropDataset]:
-    """DataLoader yielding (crops, labels, skipped) batches of `batch_size` for this rank.
+    """DataLoader yielding (crops, labels, skipped[, masks]) batches of `batch_size` for this
+    rank; masks (iBOT) when `masking` is given (see MultiCropDataset, split_batch).
 
     crops: a list of [B, C, H, W] tensors (augment_on=cpu), or a DecodedBatch that
     crops_on_device turns into that list on the training device (augment_on=gpu).
     `cfg`'s settings were checked when the config loaded; what only the data can tell (the
     folder, its images, enough of them for one batch) is checked here.
     """
-    dataset = MultiCropDataset(open_training_images(cfg), loader_transform(cfg), seed)
+    dataset = MultiCropDataset(open_training_images(cfg), loader_transform(cfg), seed, masking)
     sampler = epoch_sampler(cfg, dataset.images, world_size, rank, seed)
     if sampler.samples_per_rank < batch_size:
         raise DataError(

@@ -63,3 +63,13 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `tensor` (same shape on all ranks), rank 0's first; no gradient
+    flows back. The tensor itself in a single process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)

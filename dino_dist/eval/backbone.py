@@ -10,6 +10,7 @@ from dino_dist.export.backbone import backbone_weights, read_exported, sidecar
 from dino_dist.checkpoint.reader import read_whole
 from dino_dist.config import Config, config_from_dict
 from dino_dist.models import build_backbone
+from dino_dist.models.vit import vit_options
 
 
 def backbone_from_checkpoint(checkpoint: Path, device) -> tuple[nn.Module, Config]:
@@ -25,6 +26,8 @@ def backbone_from_checkpoint(checkpoint: Path, device) -> tuple[nn.Module, Confi
         state = read_whole(checkpoint)
         cfg = config_from_dict(state["config"])
         weights = backbone_weights(state, "teacher")
-    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size)
+    # The DINOv2 options as the weights show them: exports record no config of them.
+    backbone = build_backbone(cfg.model.arch, cfg.model.patch_size, 0.0, cfg.model.img_size,
+                              **vit_options(weights))
     backbone.load_state_dict(weights, strict=True)
     return backbone.to(device), cfg

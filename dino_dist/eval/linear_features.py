@@ -71,7 +71,8 @@ def feature_function(backbone: nn.Module, settings: FeatureSettings) -> Callable
         blocks = backbone.get_intermediate_layers(images, settings.n_last_blocks)
         parts = [tokens[:, 0] for tokens in blocks]
         if settings.avgpool:
-            parts.append(blocks[-1][:, 1:].mean(dim=1))
+            # The patches only: registers, like the CLS token, come before them.
+            parts.append(blocks[-1][:, backbone.num_prefix_tokens:].mean(dim=1))
         return torch.cat(parts, dim=1)
     return features
 

@@ -1,10 +1,12 @@
-"""A checkpoint's backbone as a plain state dict, for our tools or for timm.
+"""A checkpoint's backbone as a plain state dict, for our tools, for timm or for dinov2.
 
 `dino` (the default): the official DINO key names, what `facebookresearch/dino`'s pretrained
 files hold, so the weights load with `strict=True` into `dino_dist.models.build_backbone(...)`
-or the reference ViT. `timm`: the same tensors for `timm.create_model(NAME, num_classes=0)`,
-as a `.pth` or a `.safetensors`. A small `<output>.json` beside the weights records the
-architecture (and, for timm, the model name and arguments that load them).
+or the reference ViT (a model with DINOv2 options holds their DINOv2-named tensors too).
+`timm`: the same tensors for `timm.create_model(NAME, num_classes=0)`, as a `.pth` or a
+`.safetensors` (a model with DINOv2 options in timm's DINOv2 layout, export.dinov2).
+`dinov2`: the official dinov2 backbone's state dict (export.dinov2). A small `<output>.json`
+beside the weights records the architecture (and the model name and arguments that load them).
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import torch
 from dino_dist.checkpoint.files import atomic_write
 from dino_dist.checkpoint.reader import read_whole
 from dino_dist.errors import CheckpointError
+from dino_dist.export.dinov2 import (DINOV2_ARCHS, dinov2_model_args, dinov2_weights,
+                                     timm_dinov2_model, timm_dinov2_weights, uses_dinov2_blocks)
 from dino_dist.models import VIT_ARCHS
+from dino_dist.models.vit import DINOV2_LAYERSCALE_INIT, vit_options
 
 BACKBONE_PREFIX = "backbone."
-FORMATS = ("dino", "timm")
+FORMATS = ("dino", "timm", "dinov2")
 
 # (arch, patch) -> the timm model with the same layers. Their parameter names are the DINO
 # names (pos_embed holds the CLS position, as DINO's), their extra modules (ls1/ls2, q_norm,
@@ -83,10 +88,9 @@ def export(source: Path, output: Path, which: str = "teacher", target: str = "di
     state = read_whole(source)
     weights = backbone_weights(state, which)
     info = describe(state, source, which)
-    if target == "timm":
-        model = state["config"]["model"]
-        name, kwargs = timm_model_for(model["arch"], model["patch_size"], model["img_size"])
-        info.update(format="timm", timm_model=name, timm_kwargs=kwargs)
+    if target != "dino":
+        weights, target_info = converted(weights, state["config"]["model"], target)
+        info.update(target_info)
     output.parent.mkdir(parents=True, exist_ok=True)
     if safetensors:
         atomic_write(output, lambda f: f.write(safetensors_bytes(weights)))
@@ -94,6 +98,28 @@ def export(source: Path, output: Path, which: str = "teacher", target: str = "di
         atomic_write(output, lambda f: torch.save(weights, f))
     atomic_write(sidecar(output), lambda f: f.write(json.dumps(info, indent=1).encode()))
     return info, sum(v.numel() for v in weights.values())
+
+
+def converted(weights: dict[str, torch.Tensor], model: dict[str, Any],
+              target: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights for the `timm` or `dinov2` target and what its sidecar records about them."""
+    arch, patch_size, img_size = model["arch"], model["patch_size"], model["img_size"]
+    options = vit_options(weights)
+    # Only a model built afresh from the sidecar starts from it; runs before the option
+    # existed, or without it, get DINOv2's.
+    layerscale_init = model.get("layerscale") or DINOV2_LAYERSCALE_INIT
+    if target == "dinov2":
+        kwargs = dinov2_model_args(arch, patch_size, img_size, options, layerscale_init)
+        return dinov2_weights(weights, kwargs["embed_dim"]), {
+            "format": "dinov2", "dinov2_arch": arch if arch in DINOV2_ARCHS else None,
+            "dinov2_kwargs": kwargs}
+    if uses_dinov2_blocks(options):
+        name, kwargs = timm_dinov2_model(arch, patch_size, img_size, options, layerscale_init)
+        weights = timm_dinov2_weights(weights)
+    else:
+        name, kwargs = timm_model_for(arch, patch_size, img_size)
+        weights = {k: v for k, v in weights.items() if k != "mask_token"}  # timm has none
+    return weights, {"format": "timm", "timm_model": name, "timm_kwargs": kwargs}
 
 
 def safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:

@@ -1,5 +1,5 @@
 """Backbone + head wrapper that batches crops of equal resolution, or packs two resolutions."""
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -8,7 +8,21 @@ from dino_dist.distributed.units import ParallelUnits, declared_units
 from dino_dist.models.packing import packs_evenly
 
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
-OUTPUTS = ("head", "backbone", "cls_attention")
+OUTPUTS = ("head", "backbone", "cls_attention", "train")
+
+
+class TrainOutputs(NamedTuple):
+    """What a training forward returns (a NamedTuple: FSDP2 and DDP find tensors in it).
+
+    head: the head's outputs for every crop's CLS token, crop-major [crops x B, out_dim].
+    global_cls: the backbone's CLS features of the global crops [global crops x B, dim]
+        (KoLeo), rows of `head`'s first global crops x B.
+    patch_head: the patch head's outputs at the masked positions of the global crops
+        [masked tokens, patch out_dim], in the order of `masks[masks]`; None without masks.
+    """
+    head: torch.Tensor
+    global_cls: torch.Tensor
+    patch_head: torch.Tensor | None
 
 
 def resolution_groups(crops: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -44,7 +58,9 @@ class MultiCropWrapper(nn.Module):
     (`forward_packed`); same outputs, other crop sets run per resolution.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, packed_crops: bool = False):
+    def __init__(self, backbone: nn.Module, head: nn.Module, packed_crops: bool = False,
+                 patch_head: nn.Module | None = None):
+        """`patch_head`: a head of its own for the iBOT patch tokens; None shares `head`."""
         super().__init__()
         if packed_crops and not hasattr(backbone, "forward_packed"):
             raise ValueError(f"packed crops need a ViT backbone; {type(backbone).__name__} has "
@@ -52,15 +68,24 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
         self.packed_crops = packed_crops
+        if patch_head is not None:  # only then a key of the state_dict: old checkpoints load
+            self.patch_head = patch_head
 
     def parallel_units(self) -> ParallelUnits:
-        """The backbone's units, then the head's: the order forward runs them."""
-        return declared_units(self.backbone) + declared_units(self.head)
+        """The backbone's units, then the heads': the order forward runs them."""
+        units = declared_units(self.backbone) + declared_units(self.head)
+        if hasattr(self, "patch_head"):
+            units = units + declared_units(self.patch_head)
+        return units
 
-    def forward(self, crops: Crops, output: str = "head") -> torch.Tensor:
-        """`output`: "head" (the head's outputs), "backbone" (the backbone's features) or
-        "cls_attention" (a ViT backbone's last-block CLS attention [B, heads, tokens]); the
-        last two are for evaluation.
+    def forward(self, crops: Crops, output: str = "head", masks: torch.Tensor | None = None,
+                n_global: int = 0, mask_inputs: bool = True) -> torch.Tensor | TrainOutputs:
+        """`output`: "head" (the head's outputs), "backbone" (the backbone's features),
+        "cls_attention" (a ViT backbone's last-block CLS attention [B, heads, tokens]; these
+        two are for evaluation) or "train" (TrainOutputs: the head's outputs, the global
+        crops' CLS features and, given `masks`, the patch head's outputs at the masked
+        patches of the first `n_global` crops; `mask_inputs` false (the teacher) reads those
+        positions without replacing their input by the mask token).
 
         Evaluation goes through this forward rather than calling `self.backbone` directly:
         when the model is sharded (FSDP2), only the root module's own forward gathers the
@@ -72,6 +97,8 @@ class MultiCropWrapper(nn.Module):
             crops = [crops]
         if output == "cls_attention":  # one resolution only: other grids have other token counts
             return self.backbone.get_last_cls_attention(torch.cat(list(crops)))
+        if output == "train":
+            return self._train_outputs(crops, masks, n_global, mask_inputs)
         if output == "head" and self.packed_crops:
             images = packable_images(crops)
             if images is not None:
@@ -84,3 +111,43 @@ class MultiCropWrapper(nn.Module):
             return torch.cat(features)
         # One head pass over everything keeps BatchNorm statistics (if any) global.
         return self.head(torch.cat(features))
+
+    def _train_outputs(self, crops: Sequence[torch.Tensor], masks: torch.Tensor | None,
+                       n_global: int, mask_inputs: bool) -> TrainOutputs:
+        n_global = n_global or len(crops)
+        global_rows = sum(len(c) for c in crops[:n_global])
+        if masks is None:
+            cls = self._cls_features(crops)
+            return TrainOutputs(self.head(cls), cls[:global_rows], None)
+        cls, patches = self._cls_and_masked_patches(crops, masks, n_global, mask_inputs)
+        if hasattr(self, "patch_head"):
+            return TrainOutputs(self.head(cls), cls[:global_rows], self.patch_head(patches))
+        # One pass of the shared head over CLS and patch tokens: a sharded head is gathered
+        # once, and its parameters take one gradient from both uses.
+        outputs = self.head(torch.cat((cls, patches)))
+        return TrainOutputs(outputs[: len(cls)], cls[:global_rows], outputs[len(cls):])
+
+    def _cls_features(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Every crop's CLS features, packed when the student packs and the crops allow."""
+        images = packable_images(crops) if self.packed_crops else None
+        if images is not None:
+            return self.backbone.forward_packed(*images)
+        return torch.cat([self.backbone(torch.cat(list(crops[start:end])))
+                          for start, end in resolution_groups(crops)])
+
+    def _cls_and_masked_patches(self, crops: Sequence[torch.Tensor], masks: torch.Tensor,
+                                n_global: int, mask_inputs: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS features of every crop, patch tokens at the masked positions of the global
+        crops). The global crops run on their own, since only they carry masks."""
+        token_masks = masks if mask_inputs else None
+        local = crops[n_global:]
+        images = packable_images(crops) if self.packed_crops and local else None
+        if images is not None:
+            cls, patches = self.backbone.forward_packed_tokens(*images, global_masks=token_masks)
+            return cls, patches[masks]
+        tokens = self.backbone.forward_tokens(torch.cat(list(crops[:n_global])), token_masks)
+        patches = tokens[:, self.backbone.num_prefix_tokens:][masks]
+        cls = [tokens[:, 0]] + [self.backbone(torch.cat(list(local[start:end])))
+                                for start, end in resolution_groups(local)]
+        return torch.cat(cls), patches

@@ -35,7 +35,7 @@ def packs_evenly(global_images: int, local_images: int) -> bool:
 
 @dataclass(frozen=True)
 class PackedLayout:
-    global_len: int  # tokens of one global image (CLS + patches)
+    global_len: int  # tokens of one global image (CLS, registers if any, patches)
     local_len: int  # tokens of one local image
     locals_per_row: int
 
@@ -63,6 +63,11 @@ class PackedLayout:
         global_cls = packed[:, 0]
         local_cls = packed[:, self.global_len::self.local_len]  # [rows, locals_per_row, dim]
         return torch.cat((global_cls, local_cls.transpose(0, 1).flatten(0, 1)))
+
+    def global_tokens(self, packed: torch.Tensor) -> torch.Tensor:
+        """[rows, global_len, dim]: every token of each global image, in the unpacked order
+        (row r holds global image r)."""
+        return packed[:, :self.global_len]
 
     def crop_starts(self, device: torch.device) -> torch.Tensor:
         """[row_len] int64: for each token of a row, the position of its crop's first token."""

@@ -22,6 +22,13 @@ all-reduce of the step, so the figures are over the *global* batch without anoth
   collapse, not learning.
 - gradient norms per parameter group (backbone, head, last layer) before clipping, after
   unscaling.
+- with the DINOv2 terms: each term's value (`loss_dino`, `loss_koleo`, `loss_ibot`; `loss` is
+  their weighted sum, and the KL and the loss ratio are the DINO term's), and the iBOT patch
+  targets' entropy and prototypes in use (`patch_entropy_ratio`, `patch_prototypes_used`,
+  `patch_prototype_share`), read like the CLS ones.
+
+The teacher figures are those of the targets the student was trained on: the centred softmax,
+or Sinkhorn-Knopp's assignment.
 """
 from __future__ import annotations
 
@@ -41,20 +48,28 @@ def teacher_entropy_sum(teacher_out: torch.Tensor, center: torch.Tensor,
     return -(logp.exp() * logp).sum()
 
 
+def centred_targets(teacher_out: torch.Tensor, center: torch.Tensor,
+                    teacher_temp: float) -> torch.Tensor:
+    return F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
+
+
+def entropy_sum(targets: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of the entropy (nats) of probability rows (0 log 0 = 0)."""
+    return torch.special.entr(targets.float()).sum()
+
+
 def prototype_counts(teacher_out: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
     """How many rows pick each prototype as their argmax (float, so it can be all-reduced)."""
     winners = (teacher_out.float() - center).argmax(dim=-1)
     return torch.bincount(winners, minlength=teacher_out.shape[-1]).float()
 
 
-def pair_cross_entropy(student_out: torch.Tensor, teacher_out: torch.Tensor,
-                       center: torch.Tensor, teacher_temp: float, student_temp: float,
+def pair_cross_entropy(student_out: torch.Tensor, teacher_p: torch.Tensor, student_temp: float,
                        n_global_crops: int) -> torch.Tensor:
-    """[G, V]: cross-entropy of teacher global crop i against student crop v, summed over the
-    batch, computed as the DINO loss does (fp32, centred and sharpened teacher). Outputs are
-    crop-major. One student crop at a time, so the peak memory stays at the loss's own."""
-    teacher_p = F.softmax((teacher_out.float() - center) / teacher_temp, dim=-1)
-    teacher_p = teacher_p.view(n_global_crops, -1, teacher_out.shape[-1])
+    """[G, V]: cross-entropy of the targets of teacher global crop i against student crop v,
+    summed over the batch, computed as the DINO loss does (fp32). Outputs are crop-major. One
+    student crop at a time, so the peak memory stays at the loss's own."""
+    teacher_p = teacher_p.float().view(n_global_crops, -1, teacher_p.shape[-1])
     per_crop = []
     for student_crop in student_out.reshape(-1, *teacher_p.shape[1:]):
         student_logp = F.log_softmax(student_crop.float() / student_temp, dim=-1)
@@ -62,11 +77,11 @@ def pair_cross_entropy(student_out: torch.Tensor, teacher_out: torch.Tensor,
     return torch.stack(per_crop, dim=1)
 
 
-def pair_agreement(student_out: torch.Tensor, teacher_out: torch.Tensor,
-                   center: torch.Tensor, n_global_crops: int) -> torch.Tensor:
-    """[G, V]: images whose student argmax on crop v equals the centred teacher's argmax on
-    global crop i (temperatures do not move an argmax)."""
-    teacher_wins = (teacher_out.float() - center).argmax(dim=-1).view(n_global_crops, 1, -1)
+def pair_agreement(student_out: torch.Tensor, teacher_p: torch.Tensor,
+                   n_global_crops: int) -> torch.Tensor:
+    """[G, V]: images whose student argmax on crop v equals the argmax of the targets of
+    global crop i (for the centred softmax: the centred teacher's argmax)."""
+    teacher_wins = teacher_p.argmax(dim=-1).view(n_global_crops, 1, -1)
     batch = teacher_wins.shape[-1]
     student_wins = student_out.argmax(dim=-1).view(1, -1, batch)
     return (teacher_wins == student_wins).sum(dim=-1).float()
@@ -91,51 +106,96 @@ def parameter_groups(student: nn.Module, trainable: list[nn.Parameter],
 # The sums after the prototype counts in the reduction buffer, in order. All are sums over
 # images and ranks, so the all-reduced buffer holds the global batch's figures.
 SUMS = ("entropy", "teacher_rows", "ce_global", "ce_local", "pairs_global", "pairs_local",
-        "pairs_agreeing")
+        "pairs_agreeing", "patch_entropy", "patch_rows", "loss_weight", "loss_dino",
+        "loss_koleo", "loss_ibot")
+LOSS_PARTS = ("dino", "koleo", "ibot")
 
 
 class StepStatistics:
     """Accumulates one optimizer step's statistics on this rank; the engine reduces them."""
 
-    def __init__(self, out_dim: int, groups: list[int], device: torch.device):
-        self.out_dim, self.device = out_dim, device
+    def __init__(self, out_dim: int, groups: list[int], device: torch.device, patch_dim: int = 0):
+        """`patch_dim`: the width of the iBOT patch targets (0: no patch figures)."""
+        self.out_dim, self.patch_dim, self.device = out_dim, patch_dim, device
         self.groups = torch.tensor(groups, dtype=torch.long)
         self.reset()
 
     def reset(self) -> None:
-        # [prototype counts (out_dim) | SUMS]
-        self.local = torch.zeros(self.out_dim + len(SUMS), device=self.device)
+        # [prototype counts (out_dim) | patch prototype counts (patch_dim) | SUMS]
+        self.local = torch.zeros(self.out_dim + self.patch_dim + len(SUMS), device=self.device)
         self.reduced: torch.Tensor | None = None
         self.grad_norms: torch.Tensor | None = None
+        self.parts_seen: set[str] = set()
 
     def _sum(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
-        return buffer[self.out_dim + SUMS.index(name)]
+        return buffer[self.out_dim + self.patch_dim + SUMS.index(name)]
 
     def _add(self, name: str, value) -> None:
-        self.local[self.out_dim + SUMS.index(name)] += value
+        self.local[self.out_dim + self.patch_dim + SUMS.index(name)] += value
 
     @torch.no_grad()
     def add_teacher(self, teacher_out: torch.Tensor, center: torch.Tensor,
                     teacher_temp: float) -> None:
-        self.local[: self.out_dim] += prototype_counts(teacher_out, center)
-        self._add("entropy", teacher_entropy_sum(teacher_out, center, teacher_temp))
-        self._add("teacher_rows", teacher_out.shape[0])
+        self.add_targets(centred_targets(teacher_out, center, teacher_temp))
+
+    @torch.no_grad()
+    def add_targets(self, teacher_p: torch.Tensor) -> None:
+        """The teacher's targets for the global crops (probability rows)."""
+        self.local[: self.out_dim] += torch.bincount(
+            teacher_p.argmax(dim=-1), minlength=self.out_dim).float()
+        self._add("entropy", entropy_sum(teacher_p))
+        self._add("teacher_rows", teacher_p.shape[0])
+
+    @torch.no_grad()
+    def add_patch_targets(self, patch_p: torch.Tensor) -> None:
+        """The iBOT targets of the masked patches (probability rows)."""
+        if not self.patch_dim or patch_p.shape[0] == 0:
+            return
+        self.local[self.out_dim:self.out_dim + self.patch_dim] += torch.bincount(
+            patch_p.argmax(dim=-1), minlength=self.patch_dim).float()
+        self._add("patch_entropy", entropy_sum(patch_p))
+        self._add("patch_rows", patch_p.shape[0])
+
+    @torch.no_grad()
+    def add_losses(self, parts, loss_weight: float) -> None:
+        """Each term's value, weighted as the loss is (1/k per micro-batch); read back as
+        their means over ranks."""
+        self._add("loss_weight", loss_weight)
+        for name in LOSS_PARTS:
+            value = getattr(parts, name)
+            if value is not None:
+                self.parts_seen.add(name)
+                self._add(f"loss_{name}", value.float() * loss_weight)
+
+    def add_step_outputs(self, out, student_temp: float, n_global_crops: int,
+                         loss_weight: float) -> None:
+        """Everything a training micro-batch gives (training.forward.ForwardOutputs)."""
+        self.add_targets(out.targets.cls)
+        self.add_pair_targets(out.student, out.targets.cls, student_temp, n_global_crops)
+        if out.targets.patch is not None:
+            self.add_patch_targets(out.targets.patch)
+        self.add_losses(out.parts, loss_weight)
 
     @torch.no_grad()
     def add_pairs(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
                   center: torch.Tensor, teacher_temp: float, student_temp: float,
                   n_global_crops: int) -> None:
+        self.add_pair_targets(student_out, centred_targets(teacher_out, center, teacher_temp),
+                              student_temp, n_global_crops)
+
+    @torch.no_grad()
+    def add_pair_targets(self, student_out: torch.Tensor, teacher_p: torch.Tensor,
+                         student_temp: float, n_global_crops: int) -> None:
         """The loss split by student view and the agreement, over the loss's pairs. Masked
         sums rather than boolean indexing, and pair counts from the host-side masks: no host
         synchronisation."""
         student_out = student_out.detach()
-        batch = teacher_out.shape[0] // n_global_crops
+        batch = teacher_p.shape[0] // n_global_crops
         on_global, on_local = loss_pair_masks(n_global_crops, student_out.shape[0] // batch)
         self._add("pairs_global", int(on_global.sum()) * batch)
         self._add("pairs_local", int(on_local.sum()) * batch)
-        ce = pair_cross_entropy(student_out, teacher_out, center, teacher_temp, student_temp,
-                                n_global_crops)
-        agreeing = pair_agreement(student_out, teacher_out, center, n_global_crops)
+        ce = pair_cross_entropy(student_out, teacher_p, student_temp, n_global_crops)
+        agreeing = pair_agreement(student_out, teacher_p, n_global_crops)
         on_global, on_local = on_global.to(ce.device), on_local.to(ce.device)
         self._add("ce_global", (ce * on_global).sum())
         self._add("ce_local", (ce * on_local).sum())
@@ -163,18 +223,38 @@ class StepStatistics:
         if self.reduced is None:
             return {}
         reduced = self.reduced.double().cpu()
+        parts = self._loss_parts(reduced)
+        dino = parts.get("loss_dino", loss)  # the KL and the loss ratio are the DINO term's
         rows = max(float(self._sum(reduced, "teacher_rows")), 1.0)
         entropy = float(self._sum(reduced, "entropy")) / rows
         log_k = math.log(self.out_dim)
         used = int(torch.count_nonzero(reduced[: self.out_dim]))
         values = {"teacher_entropy": entropy, "entropy_ratio": entropy / log_k,
-                  "kl": loss - entropy, "loss_ratio": loss / log_k,
+                  "kl": dino - entropy, "loss_ratio": dino / log_k,
                   "prototypes_used": used, "prototype_share": used / min(rows, self.out_dim),
-                  **self._pair_values(reduced)}
+                  **parts, **self._patch_values(reduced), **self._pair_values(reduced)}
         if self.grad_norms is not None:
             for name, norm in zip(GRAD_GROUPS, self.grad_norms.tolist()):
                 values[f"grad_norm_{name}"] = norm
         return values
+
+    def _loss_parts(self, reduced: torch.Tensor) -> dict[str, float]:
+        """Each term's mean over ranks; nothing when the DINO term is the only one."""
+        if self.parts_seen <= {"dino"}:
+            return {}
+        weight = max(float(self._sum(reduced, "loss_weight")), 1e-12)
+        return {f"loss_{name}": float(self._sum(reduced, f"loss_{name}")) / weight
+                for name in LOSS_PARTS if name in self.parts_seen}
+
+    def _patch_values(self, reduced: torch.Tensor) -> dict[str, float]:
+        rows = float(self._sum(reduced, "patch_rows"))
+        if not self.patch_dim or rows == 0:
+            return {}
+        entropy = float(self._sum(reduced, "patch_entropy")) / rows
+        used = int(torch.count_nonzero(reduced[self.out_dim:self.out_dim + self.patch_dim]))
+        return {"patch_entropy_ratio": entropy / math.log(self.patch_dim),
+                "patch_prototypes_used": used,
+                "patch_prototype_share": used / min(rows, self.patch_dim)}
 
     def _pair_values(self, reduced: torch.Tensor) -> dict[str, float]:
         """loss_global, loss_local, agreement; a split with no pairs (one global crop, or no

@@ -68,13 +68,15 @@ class HealthMonitor:
         # The first epoch (random prototypes, the last layer frozen) is not judged for near
         # collapse: a healthy run also starts with few prototypes in use.
         self.settle_steps = settle_steps
-        self.streaks = {"uniform_collapse": 0, "dimensional_collapse": 0, "near_collapse": 0}
+        self.streaks = {"uniform_collapse": 0, "dimensional_collapse": 0, "near_collapse": 0,
+                        "patch_uniform_collapse": 0, "patch_dimensional_collapse": 0}
         self.grad_norms: deque[float] = deque(maxlen=GRAD_HISTORY)
         self.last_step, self.last_skipped = 0, None
 
     def check(self, step: int, values: dict) -> list[HealthWarning]:
-        found = [w for w in (self._collapse(step, values), self._gradients(values),
-                             self._fp16_skips(step, values)) if w is not None]
+        found = [w for w in (self._collapse(step, values), self._patch_collapse(values),
+                             self._gradients(values), self._fp16_skips(step, values))
+                 if w is not None]
         self.last_step, self.last_skipped = step, values.get("skipped_steps")
         return found
 
@@ -125,6 +127,30 @@ class HealthMonitor:
                 f"what every crop of an image shares that no augmentation changes (a polarity, "
                 f"a brightness, a colour cast) and vary it or take it out of the data; then "
                 f"consider a larger model.out_dim and more epochs")
+        return None
+
+    def _patch_collapse(self, values: dict) -> HealthWarning | None:
+        """The iBOT patch targets: uniform, or one-hot on a few prototypes (same thresholds as
+        the CLS targets)."""
+        if "patch_entropy_ratio" not in values:
+            return None
+        entropy, used = values["patch_entropy_ratio"], values["patch_prototypes_used"]
+        few = used <= FEW_PROTOTYPES or values["patch_prototype_share"] < FEW_PROTOTYPES_SHARE
+        if self._due("patch_uniform_collapse", entropy >= UNIFORM_ENTROPY_RATIO):
+            return HealthWarning(
+                "patch_uniform_collapse",
+                f"iBOT patch targets uniform: for {self.streaks['patch_uniform_collapse']} "
+                f"logging steps the teacher's masked-patch targets have had "
+                f"{100 * entropy:.0f}% of the maximum entropy, so the patch loss teaches "
+                f"nothing. Lower loss.teacher_temp, or try loss.centering=sinkhorn_knopp")
+        if self._due("patch_dimensional_collapse", entropy < ONE_HOT_ENTROPY_RATIO and few):
+            return HealthWarning(
+                "patch_dimensional_collapse",
+                f"iBOT patch collapse: for {self.streaks['patch_dimensional_collapse']} logging "
+                f"steps the masked-patch targets have been one-hot on {used} prototypes, so "
+                f"every patch maps to the same few outputs. Use loss.centering=sinkhorn_knopp "
+                f"or raise loss.teacher_temp; ibot.separate_head=true gives patches their own "
+                f"prototypes")
         return None
 
     def _gradients(self, values: dict) -> HealthWarning | None:

@@ -22,7 +22,9 @@ class StepReporter:
         self.engine = engine
         groups = parameter_groups(engine.student, engine.trainable,
                                   engine.last_layer_params)
-        self.stats = StepStatistics(cfg.model.out_dim, groups, engine.env.device)
+        patch_center = engine.objective.patch_center
+        self.stats = StepStatistics(cfg.model.out_dim, groups, engine.env.device,
+                                    0 if patch_center is None else patch_center.center.shape[-1])
         self.collecting = False
         self.monitor = HealthMonitor(cfg.model.out_dim, cfg.log.collapse_window,
                                      cfg.train.precision,

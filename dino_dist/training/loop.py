@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from dino_dist.config import Config
+from dino_dist.data import split_batch
 from dino_dist.delays import pause_seconds
 from dino_dist.distributed.env import DistEnv
 from dino_dist.training.engine import DinoEngine, StepResult
@@ -115,12 +116,13 @@ def train_loop(cfg: Config, env: DistEnv, engine: DinoEngine, loader, sampler,
             stats = reporter.statistics_for(logging_step)
             for j in range(group):
                 wait_start = time.perf_counter()
-                crops, labels, skipped = next(batches)
+                crops, labels, skipped, masks = split_batch(next(batches))
                 meter.add_wait(time.perf_counter() - wait_start)
                 if sample_log:
                     sample_log.record(pos.step + 1, j, labels)
                 engine.micro_step(crops, pos.schedule_step, 1.0 / group,
-                                  sync_grads=j == group - 1, skipped_images=skipped, stats=stats)
+                                  sync_grads=j == group - 1, skipped_images=skipped, stats=stats,
+                                  masks=masks)
             # Ordinary steps leave their figures on the device until the next step; steps
             # that log or save read them at once.
             saving = micro_left == 0 or saves_at(cfg, pos.step + 1)

@@ -24,13 +24,22 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
                 teacher_temp: float, n_crops: int) -> torch.Tensor:
-        """Cross-entropy over every (teacher global crop i, student crop v != i) pair.
+        """Cross-entropy over every (teacher global crop i, student crop v != i) pair, the
+        teacher centred and sharpened. Outputs are crop-major: crop 0's batch, then crop 1's."""
+        return self.cross_entropy(student_out, self.teacher_probabilities(teacher_out, teacher_temp),
+                                  n_crops)
 
-        Outputs are crop-major: crop 0's batch, then crop 1's, ... Computed in fp32 because
-        the sharpened teacher softmax (T = 0.04) overflows in half precision.
-        """
+    @torch.no_grad()
+    def teacher_probabilities(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """softmax((t - center) / T), in fp32: the sharpened softmax (T = 0.04) overflows in
+        half precision."""
+        return F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
+
+    def cross_entropy(self, student_out: torch.Tensor, teacher_p: torch.Tensor,
+                      n_crops: int) -> torch.Tensor:
+        """The mean over the (i, v != i) pairs of -<p_i, log softmax(s_v / T_s)>, per image;
+        `teacher_p`: the targets of the global crops (centred, or Sinkhorn-Knopp's)."""
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
         out_dim = student_logp.shape[-1]
         student_logp = student_logp.view(n_crops, -1, out_dim)
         teacher_p = teacher_p.detach().view(self.n_global_crops, -1, out_dim)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from dino_dist.config import LR_SCHEDULES, Config
@@ -113,11 +115,19 @@ class Schedules:
                 "teacher_temp": float(self.teacher_temp[step])}
 
 
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """optim.lr scaled to the total batch: DINO's linear rule (per 256 images) or DINOv2's
+    square-root rule (per 1,024)."""
+    batch = total_batch_size(cfg, world_size)
+    if cfg.optim.lr_scaling == "sqrt_1024":
+        return cfg.optim.lr * math.sqrt(batch / 1024.0)
+    return cfg.optim.lr * batch / 256.0
+
+
 def build_schedules(cfg: Config, world_size: int, steps_per_epoch: int) -> Schedules:
     o, epochs = cfg.optim, cfg.train.epochs
-    peak_lr = o.lr * total_batch_size(cfg, world_size) / 256.0  # linear scaling rule
     return Schedules(
-        lr=lr_schedule(o.lr_schedule, peak_lr, o.min_lr, epochs, steps_per_epoch,
+        lr=lr_schedule(o.lr_schedule, peak_lr(cfg, world_size), o.min_lr, epochs, steps_per_epoch,
                        o.warmup_epochs, o.lr_cycle_epochs, o.lr_power, o.lr_decay_epochs),
         wd=cosine_schedule(o.weight_decay, o.weight_decay_end, epochs, steps_per_epoch),
         momentum=cosine_schedule(o.teacher_momentum, o.teacher_momentum_end, epochs,

@@ -53,7 +53,7 @@ class OptimizerUpdate:
     def _apply_schedule(self, step: int) -> None:
         lr, wd = float(self.schedules.lr[step]), float(self.schedules.wd[step])
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_multiplier", 1.0)
             if group.get("weight_decay_applies", True):
                 group["weight_decay"] = wd
 
