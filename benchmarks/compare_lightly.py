@@ -110,7 +110,7 @@ def main() -> int:
     env = init_distributed(cfg.train.device)
     training = build_training(cfg, env)
     crops = synthetic_crops(cfg, env.device)
-    ours = StepRunner(training.engine, iter(lambda: (crops, 0), None), cfg.optim.accum_steps,
+    ours = StepRunner(training.engine, iter(lambda: (crops, 0, None), None), cfg.optim.accum_steps,
                       epoch=cfg.optim.freeze_last_layer)
     theirs = LightlyLoop(cfg, crops)
     timed(ours, args.warmup, env.device)

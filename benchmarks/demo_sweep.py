@@ -128,12 +128,18 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // args.parallel)
     jobs = [(n, int(s)) for n in names for s in args.seeds.split(",")]
-    print(HEADER, flush=True)
-    with ThreadPoolExecutor(args.parallel) as pool, open(out / "table.md", "a") as table:
-        for row in pool.map(lambda job: run_one(*job, out, threads), jobs):
-            line = table_row(row)
+    run_table(jobs, args.parallel, out, run_one, table_row, HEADER)
+
+
+def run_table(jobs: list[tuple], parallel: int, out: Path, run, row_text, header: str) -> None:
+    """`run(*job, out, threads)` for every job, `parallel` at a time sharing the cores; each
+    row printed and appended to out/table.md as its run finishes."""
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    print(header, flush=True)
+    with ThreadPoolExecutor(parallel) as pool, open(out / "table.md", "a") as table:
+        for row in pool.map(lambda job: run(*job, out, threads), jobs):
+            line = row_text(row)
             print(line, flush=True)
             table.write(line + "\n")
             table.flush()

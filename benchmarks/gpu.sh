@@ -4,7 +4,9 @@
 #     whole-model compile; our step against the official code's way (reference_step.py);
 #   ViT-S/16 end to end from real JPEG files on local disk, data.augment_on=cpu and =gpu,
 #     and the loader processes' own images/s for both (how many feed the GPU);
-#   ViT-B/16 and ViT-L/16 (MFU), and the largest batch that fits for S, B and L.
+#   ViT-B/16 and ViT-L/16 (MFU), and the largest batch that fits for S, B and L;
+#   the DINOv2 recipe (Sinkhorn-Knopp, KoLeo, iBOT, LayerScale) as its configs set it:
+#     ViT-S/14 batch 64 and ViT-L/14 batch 32, 2x224 + 8x98 crops, synthetic.
 # Each part prints one JSON line into $OUT/<part>.json (or benchmarks/out), its stderr goes to
 # stderr.log, and the end prints one markdown table of all parts (benchmarks/gpu_table.py).
 # Parts have their own time limits, under 9 minutes in all on an H100. GPU_BENCH_PARTS="a b"
@@ -26,6 +28,13 @@ if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then  # a dry run of this script on a CPU, t
            model.head_hidden_dim=64 model.head_bottleneck_dim=32 optim.batch_size_per_gpu=4
            train.precision=fp32)
   steps=4 jpegs=16 cpu_workers=1 gpu_workers=1 max_batch=(--start 2 --tries 2 --steps 1)
+fi
+dinov2_tiny=()  # the DINOv2 parts keep their configs' crops, heads and batch
+if [ "${GPU_BENCH_SMOKE:-0}" = 1 ]; then
+  dinov2_tiny=(model.arch=vit_mini model.patch_size=8 model.img_size=16 data.global_crop_size=16
+               data.local_crop_size=8 data.local_crops_number=2 model.out_dim=256
+               model.head_hidden_dim=64 model.head_bottleneck_dim=32 optim.batch_size_per_gpu=4
+               train.precision=fp32 model.ffn=mlp ibot.out_dim=0 ibot.separate_head=false)
 fi
 smoke_arch() {  # the smoke run keeps its tiny model whatever the part asks for
   [ "${GPU_BENCH_SMOKE:-0}" = 1 ] && echo model.arch=vit_mini || echo "model.arch=$1"
@@ -64,5 +73,9 @@ part vit_s_compiled 120 "${bench[@]}" --compile "${recipe[@]}"
 part max_batch_vit_s 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}"
 part max_batch_vit_b 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}" "$(smoke_arch vit_base)"
 part max_batch_vit_l 60 python3 benchmarks/max_batch.py --config "$config" "${max_batch[@]}" "${recipe[@]}" "$(smoke_arch vit_large)"
+dinov2=(python3 -m dino_dist.cli.bench --steps "$steps" --rounds 2 --phase-steps 0)
+part dinov2_vit_s14 90 "${dinov2[@]}" --config configs/dinov2_vit_small_14.yaml "${dinov2_tiny[@]}"
+# One GPU: DDP (no sharding) in place of the config's FSDP.
+part dinov2_vit_l14 120 "${dinov2[@]}" --config configs/dinov2_vit_large_14.yaml train.parallel=ddp "${dinov2_tiny[@]}"
 echo
 python3 benchmarks/gpu_table.py "$out_dir"

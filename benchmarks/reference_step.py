@@ -145,7 +145,7 @@ def main() -> int:
         training.student.compile()
         training.teacher.compile()
     crops = synthetic_crops(cfg, env.device)
-    ours = StepRunner(training.engine, iter(lambda: (crops, 0), None), cfg.optim.accum_steps,
+    ours = StepRunner(training.engine, iter(lambda: (crops, 0, None), None), cfg.optim.accum_steps,
                       epoch=cfg.optim.freeze_last_layer)
     reference = ReferenceStep(cfg, crops, env.device)
     timed(ours, args.warmup, env.device)

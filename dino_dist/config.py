@@ -370,7 +370,11 @@ class EvalConfig:
 
 
 def _check_ibot(cfg: Config) -> None:
-    # Masked patches are ViT tokens, and the loss needs a teacher crop beside each masked one.
+    if cfg.ibot.out_dim and not cfg.ibot.separate_head:
+        raise ConfigError(f"ibot.out_dim={cfg.ibot.out_dim} sizes a separate patch head, but "
+                          f"ibot.separate_head=false shares the DINO head (model.out_dim): set "
+                          f"ibot.separate_head=true, or ibot.out_dim=0")
+    # Masked patches are ViT tokens.
     if cfg.ibot.weight == 0:
         return
     if not cfg.model.arch.startswith("vit"):

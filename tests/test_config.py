@@ -82,6 +82,11 @@ def test_paper_recipe_values():
     ("eval.train_path=/labelled", "eval.train_path and eval.val_path go together"),
     ("data.local_crops_scale=0.3", "config key 'data.local_crops_scale' must be a list"),
     ("lr", "override 'lr' is not of the form key=value"),
+    ("loss.centering=swav", "config key 'loss.centering' must be one of center, sinkhorn_knopp"),
+    ("ibot.mask_ratio=[0.6, 0.2]", "config key 'ibot.mask_ratio' must be [low, high]"),
+    ("ibot.out_dim=1024", "ibot.out_dim=1024 sizes a separate patch head"),
+    ("model.num_registers=20", "config key 'model.num_registers' must be between 0 and 16"),
+    ("optim.layerwise_decay=0", "config key 'optim.layerwise_decay' must be in (0, 1]"),
 ])
 def test_user_mistakes_get_one_line_messages(override, expected):
     with pytest.raises(ConfigError) as info:
@@ -152,3 +157,11 @@ def test_cli_missing_data_folder(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(missing) in lines[0] and "data.path" in lines[0]
+
+
+@pytest.mark.parametrize("override", ["ibot.weight=1", "model.layerscale=1e-5",
+                                      "model.num_registers=4", "model.ffn=swiglu"])
+def test_vit_only_dinov2_parts_refuse_a_resnet(override):
+    with pytest.raises(ConfigError, match="needs a ViT arch") as info:
+        load_config(None, ["model.arch=resnet50", override])
+    assert "\n" not in str(info.value)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from dino_dist.training.objective import LossParts
 from dino_dist.observe.diagnostics import (StepStatistics, parameter_groups, prototype_counts,
                                            state_values, teacher_entropy_sum)
 from dino_dist.training.loss import DINOLoss
@@ -231,3 +232,31 @@ def test_accumulated_micro_batches_give_the_whole_batch_figures(tmp_path):
     assert set(split) == set(whole) >= {"loss_global", "loss_local", "agreement"}
     for name, value in whole.items():
         assert split[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_patch_targets_and_loss_terms_are_read_like_the_cls_figures():
+    """iBOT's patch targets give their own entropy share and prototypes in use; each loss
+    term is the mean of its micro-batch values weighted as the loss is; the KL and the loss
+    ratio are the DINO term's."""
+    out_dim, patch_dim = 6, 5
+    stats = StepStatistics(out_dim, groups=[], device=torch.device("cpu"), patch_dim=patch_dim)
+    cls = torch.softmax(torch.randn(4, out_dim, generator=torch.Generator().manual_seed(0)), -1)
+    uniform_patches = torch.full((3, patch_dim), 1 / patch_dim)
+    one_hot_patches = torch.eye(patch_dim)[[1, 1, 3]]
+    stats.add_targets(cls)
+    stats.add_patch_targets(torch.cat((uniform_patches, one_hot_patches)))
+    for weight, (dino, koleo, ibot) in ((0.25, (2.0, -1.0, 3.0)), (0.75, (4.0, -3.0, 1.0))):
+        stats.add_losses(LossParts(torch.tensor(dino), torch.tensor(koleo), torch.tensor(ibot)),
+                         weight)
+    stats.take_reduced(stats.reduction_part().clone())
+    values = stats.read(loss=99.0)
+    assert values["loss_dino"] == pytest.approx(3.5) and values["loss_koleo"] == pytest.approx(-2.5)
+    assert values["loss_ibot"] == pytest.approx(1.5)
+    entropy = float(-(cls * cls.log()).sum(-1).mean())
+    assert values["kl"] == pytest.approx(3.5 - entropy, rel=1e-5)
+    assert values["loss_ratio"] == pytest.approx(3.5 / math.log(out_dim))
+    # 3 uniform rows (entropy ln 5) and 3 one-hot rows (0): half of the maximum.
+    assert values["patch_entropy_ratio"] == pytest.approx(0.5, rel=1e-5)
+    # Prototype 0 (the uniform rows' argmax), 1 and 3.
+    assert values["patch_prototypes_used"] == 3
+    assert values["patch_prototype_share"] == pytest.approx(3 / 5)

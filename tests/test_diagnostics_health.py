@@ -54,6 +54,27 @@ def test_dimensional_collapse_needs_low_entropy_and_few_prototypes():
         ["dimensional_collapse"]
 
 
+def patch_figures(entropy_ratio=0.5, used=40, share=0.3):
+    return {**figures(), "patch_entropy_ratio": entropy_ratio, "patch_prototypes_used": used,
+            "patch_prototype_share": share}
+
+
+def test_ibot_patch_targets_that_collapse_are_named():
+    """Uniform, or one-hot on a few prototypes, the masked-patch targets get their own
+    warnings; the CLS figures stay healthy meanwhile."""
+    monitor = HealthMonitor(256, window=2, precision="fp32")
+    uniform = patch_figures(entropy_ratio=0.99)
+    assert codes(monitor, 10, uniform) == []
+    found = monitor.check(20, uniform)
+    assert [w.code for w in found] == ["patch_uniform_collapse"]
+    assert "sinkhorn_knopp" in found[0].message and "\n" not in found[0].message
+    one_hot = patch_figures(entropy_ratio=0.01, used=2, share=0.01)
+    assert codes(monitor, 30, one_hot) == []
+    assert codes(monitor, 40, one_hot) == ["patch_dimensional_collapse"]
+    healthy = HealthMonitor(256, window=1, precision="fp32")
+    assert codes(healthy, 10, patch_figures()) == []
+
+
 def test_near_collapse_is_few_prototypes_that_student_and_teacher_agree_on():
     # The demo's recipe before its study, from its sixth epoch: a handful of 1,024 prototypes
     # take the argmax of 128 teacher rows, and the student's argmax matches on most pairs.

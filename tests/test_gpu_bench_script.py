@@ -9,8 +9,8 @@ import subprocess
 from conftest import REPO, subprocess_env
 
 # One part of each kind of command: the reference step, dino-bench end to end from JPEGs
-# (with the crops made on the device), the largest-batch search.
-PARTS = ("reference_step", "vit_s_jpeg_augment_gpu", "max_batch_vit_l")
+# (with the crops made on the device), the largest-batch search, the DINOv2 recipe's config.
+PARTS = ("reference_step", "vit_s_jpeg_augment_gpu", "max_batch_vit_l", "dinov2_vit_l14")
 
 
 def test_gpu_bench_smoke_runs_its_parts_and_prints_one_table(tmp_path):
@@ -28,6 +28,7 @@ def test_gpu_bench_smoke_runs_its_parts_and_prints_one_table(tmp_path):
     assert reports["vit_s_jpeg_augment_gpu"]["data"] == "folder"
     assert reports["reference_step"]["speedup_vs_reference"] > 0
     assert reports["max_batch_vit_l"]["largest_batch"] >= 2
+    assert reports["dinov2_vit_l14"]["images_per_s"] > 0
     table = [l for l in result.stdout.splitlines() if l.startswith("| ")]
     assert len(table) == 2 + len(PARTS)  # header, separator and one row per part
     assert not any("no result" in row for row in table), "\n".join(table)

@@ -97,7 +97,8 @@ class HealthMonitor:
             return HealthWarning(
                 "uniform_collapse",
                 f"uniform collapse: for {self.streaks['uniform_collapse']} logging steps the "
-                f"loss ({values['loss']:.3f}) has stayed near or above ln(out_dim) = "
+                f"{'DINO term of the ' if 'loss_dino' in values else ''}loss "
+                f"({values.get('loss_dino', values['loss']):.3f}) has stayed near or above ln(out_dim) = "
                 f"{self.log_k:.3f} and the "
                 f"teacher entropy at {100 * entropy:.0f}% of its maximum, so the teacher's "
                 f"outputs are uniform. Lower loss.teacher_temp (0.04-0.07) and "

@@ -120,16 +120,25 @@ class ThroughputMeter:
 
 def console_line(step: int, total: int, values: dict, eta_s: float) -> str:
     return (f"step {step}/{total} ep {values['epoch']} loss {values['loss']:.4f} "
-            f"lr {values['lr']:.2e} wd {values['wd']:.3f} mom {values['teacher_momentum']:.4f} "
+            f"{_terms_part(values)}lr {values['lr']:.2e} wd {values['wd']:.3f} mom {values['teacher_momentum']:.4f} "
             f"T_t {values['teacher_temp']:.3f} gnorm {values['grad_norm']:.3f} "
             f"{_health_part(values)}"
             f"{values['images_per_s']:.1f} img/s data {100 * values['data_wait_share']:.0f}% "
             f"mem {values['peak_memory_mb']:.0f}MB eta {format_eta(eta_s)}")
 
 
+def _terms_part(values: dict) -> str:
+    """The DINOv2 terms' values, when the recipe has more than the DINO term."""
+    terms = [(name, values[f"loss_{name}"]) for name in ("dino", "koleo", "ibot")
+             if f"loss_{name}" in values]
+    return "".join(f"{name} {value:.3f} " for name, value in terms) if terms else ""
+
+
 def _health_part(values: dict) -> str:
     """Collapse figures at a glance: entropy as a share of ln(out_dim), KL, prototypes in use."""
     if "entropy_ratio" not in values:
         return ""
+    patches = (f"patch H/lnK {values['patch_entropy_ratio']:.2f} proto "
+               f"{values['patch_prototypes_used']} " if "patch_entropy_ratio" in values else "")
     return (f"H/lnK {values['entropy_ratio']:.2f} KL {values['kl']:.3f} "
-            f"proto {values['prototypes_used']} ")
+            f"proto {values['prototypes_used']} {patches}")
