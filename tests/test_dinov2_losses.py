@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dino_dist.training.ibot_loss import IBOTCenter, ibot_patch_loss, mask_weights
+from dino_dist.models.patch_masks import PatchMasks, mask_weights
+from dino_dist.training.ibot_loss import IBOTCenter, ibot_patch_loss
 from dino_dist.training.koleo import KoLeoNeighbours, koleo_loss
 from dino_dist.training.sinkhorn import sinkhorn_knopp
 from tests.tolerance import assert_close_at_scale
@@ -307,3 +308,15 @@ def test_ibot_center_keeps_its_value_when_the_step_is_skipped_or_has_no_tokens()
     restored = IBOTCenter(8)
     restored.load_state_dict(center.state_dict())
     assert torch.equal(restored.center, center.center)
+
+
+def test_patch_masks_pick_the_masked_tokens_in_mask_order():
+    """The host-side index selects exactly tokens[masks], in that order, with the weights
+    of mask_weights: what the loss pairs with the teacher's tokens."""
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(5, 9, generator=g) < 0.4
+    masks[2] = False  # an image without masks
+    tokens = torch.randn(5, 9, 4, generator=g)
+    picked = PatchMasks.from_host(masks, "cpu")
+    assert torch.equal(picked.select(tokens), tokens[masks])
+    assert torch.equal(picked.weights, mask_weights(masks)) and picked.n_images == 5

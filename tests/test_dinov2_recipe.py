@@ -91,8 +91,11 @@ def test_two_ranks_with_accumulation_and_packed_crops(reference, dataset, tmp_pa
     assert_same_training(state, reference[0])
 
 
-def test_fsdp_equals_ddp_on_two_ranks(reference, dataset, tmp_path):
-    state = train(dataset, tmp_path, nproc=2, **{"optim.batch_size_per_gpu": BATCH // 2,
+def test_fsdp_with_accumulation_equals_one_rank(reference, dataset, tmp_path):
+    """Sharded, with the KoLeo look-ahead (a forward without gradients) between the teacher
+    passes and the student passes of each step."""
+    state = train(dataset, tmp_path, nproc=2, **{"optim.batch_size_per_gpu": BATCH // 4,
+                                                 "optim.accum_steps": 2,
                                                  "train.parallel": "fsdp"})
     assert_same_training(state, reference[0])
 

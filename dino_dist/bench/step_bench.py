@@ -51,7 +51,7 @@ def synthetic_masks(cfg: Config, device: torch.device) -> torch.Tensor | None:
         return None
     samples = [(None, 0, 0, masking(sample_seed(cfg.train.seed, 0, index, "masks")))
                for index in range(cfg.optim.batch_size_per_gpu)]
-    return collate_masks(samples)[0].to(device)
+    return collate_masks(samples)[0]  # on the host, as the loader gives them
 
 
 def folder_batches(loader, sampler) -> Iterator[tuple[list[torch.Tensor], int, torch.Tensor | None]]:

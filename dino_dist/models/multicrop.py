@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from dino_dist.distributed.units import ParallelUnits, declared_units
 from dino_dist.models.packing import packs_evenly
+from dino_dist.models.patch_masks import PatchMasks
 
 Crops = Union[torch.Tensor, Sequence[torch.Tensor]]
 OUTPUTS = ("head", "backbone", "cls_attention", "train")
@@ -18,7 +19,7 @@ class TrainOutputs(NamedTuple):
     global_cls: the backbone's CLS features of the global crops [global crops x B, dim]
         (KoLeo), rows of `head`'s first global crops x B.
     patch_head: the patch head's outputs at the masked positions of the global crops
-        [masked tokens, patch out_dim], in the order of `masks[masks]`; None without masks.
+        [masked tokens, patch out_dim], in the order of the masks' `index`; None without masks.
     """
     head: torch.Tensor
     global_cls: torch.Tensor
@@ -78,7 +79,7 @@ class MultiCropWrapper(nn.Module):
             units = units + declared_units(self.patch_head)
         return units
 
-    def forward(self, crops: Crops, output: str = "head", masks: torch.Tensor | None = None,
+    def forward(self, crops: Crops, output: str = "head", masks: PatchMasks | None = None,
                 n_global: int = 0, mask_inputs: bool = True) -> torch.Tensor | TrainOutputs:
         """`output`: "head" (the head's outputs), "backbone" (the backbone's features),
         "cls_attention" (a ViT backbone's last-block CLS attention [B, heads, tokens]; these
@@ -112,7 +113,7 @@ class MultiCropWrapper(nn.Module):
         # One head pass over everything keeps BatchNorm statistics (if any) global.
         return self.head(torch.cat(features))
 
-    def _train_outputs(self, crops: Sequence[torch.Tensor], masks: torch.Tensor | None,
+    def _train_outputs(self, crops: Sequence[torch.Tensor], masks: PatchMasks | None,
                        n_global: int, mask_inputs: bool) -> TrainOutputs:
         n_global = n_global or len(crops)
         global_rows = sum(len(c) for c in crops[:n_global])
@@ -135,19 +136,19 @@ class MultiCropWrapper(nn.Module):
         return torch.cat([self.backbone(torch.cat(list(crops[start:end])))
                           for start, end in resolution_groups(crops)])
 
-    def _cls_and_masked_patches(self, crops: Sequence[torch.Tensor], masks: torch.Tensor,
+    def _cls_and_masked_patches(self, crops: Sequence[torch.Tensor], masks: PatchMasks,
                                 n_global: int, mask_inputs: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLS features of every crop, patch tokens at the masked positions of the global
         crops). The global crops run on their own, since only they carry masks."""
-        token_masks = masks if mask_inputs else None
+        token_masks = masks.dense if mask_inputs else None
         local = crops[n_global:]
         images = packable_images(crops) if self.packed_crops and local else None
         if images is not None:
             cls, patches = self.backbone.forward_packed_tokens(*images, global_masks=token_masks)
-            return cls, patches[masks]
+            return cls, masks.select(patches)
         tokens = self.backbone.forward_tokens(torch.cat(list(crops[:n_global])), token_masks)
-        patches = tokens[:, self.backbone.num_prefix_tokens:][masks]
+        patches = masks.select(tokens[:, self.backbone.num_prefix_tokens:])
         cls = [tokens[:, 0]] + [self.backbone(torch.cat(list(local[start:end])))
                                 for start, end in resolution_groups(local)]
         return torch.cat(cls), patches

@@ -33,6 +33,7 @@ from torch import nn
 
 from dino_dist.data import crops_on_device
 from dino_dist.distributed.env import DistEnv
+from dino_dist.models.patch_masks import PatchMasks
 from dino_dist.training.clock import IdleClock
 from dino_dist.training.counters import StepCounters
 from dino_dist.training.ema import TeacherEMA
@@ -48,7 +49,7 @@ from dino_dist.training.weights import TrainedWeights
 class MicroBatch:
     """A micro-batch waiting for its student pass."""
     crops: list[torch.Tensor]
-    masks: torch.Tensor | None
+    masks: PatchMasks | None
     teacher: TeacherOutputs
     loss_weight: float
     skipped_images: int
@@ -141,7 +142,7 @@ class DinoEngine:
         ordinary steps compute no statistics and send nothing extra."""
         crops = crops_on_device(crops, self.env.device)  # augment_on=gpu: the crops are made here
         if masks is not None:
-            masks = masks.to(self.env.device, non_blocking=True)
+            masks = PatchMasks.from_host(masks, self.env.device)
         self.clock.mark("data")
         teacher = self.forward.teacher_pass(crops, masks)
         self.pending.append(MicroBatch(crops, masks, teacher, loss_weight, skipped_images))

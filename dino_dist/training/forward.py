@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dino_dist.distributed.parallel import release_gathered_parameters
+from dino_dist.models.patch_masks import PatchMasks
 from dino_dist.training.clock import IdleClock
 from dino_dist.training.objective import LossParts, Objective, Targets
 
@@ -51,7 +52,7 @@ class DinoForward:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def teacher_pass(self, crops: list[torch.Tensor], masks: torch.Tensor | None) -> TeacherOutputs:
+    def teacher_pass(self, crops: list[torch.Tensor], masks: PatchMasks | None) -> TeacherOutputs:
         with self.autocast():
             out = self.teacher(crops[: self.n_global_crops], output="train", masks=masks,
                                mask_inputs=False)
@@ -63,7 +64,7 @@ class DinoForward:
                               else out.patch_head.float())
 
     def student_features(self, student: nn.Module, crops: list[torch.Tensor],
-                         masks: torch.Tensor | None) -> torch.Tensor:
+                         masks: PatchMasks | None) -> torch.Tensor:
         """The global crops' CLS features of a student forward without gradients (the exact
         KoLeo term's look-ahead over the step; the caller replays the same random draws)."""
         with torch.no_grad(), self.autocast():
@@ -72,7 +73,7 @@ class DinoForward:
         return out.global_cls.float()
 
     def student_pass(self, student: nn.Module, crops: list[torch.Tensor],
-                     masks: torch.Tensor | None, targets: Targets, koleo=None) -> ForwardOutputs:
+                     masks: PatchMasks | None, targets: Targets, koleo=None) -> ForwardOutputs:
         """`student`: the module to run (training passes its DDP wrapper, evaluation the model
         itself); `koleo`: the step's KoLeo neighbours when the engine found them ahead."""
         with self.autocast():

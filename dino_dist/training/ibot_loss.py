@@ -15,14 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mask_weights(masks: torch.Tensor) -> torch.Tensor:
-    """1 / (masked patches of its image) for each masked token, in the order of masks[masks].
-
-    `masks` [n_images, P] bool; dinov2's `masks_weight` (the count clamped to at least 1).
-    """
-    per_image = masks.sum(dim=1)
-    weight = 1.0 / per_image.clamp(min=1).float()
-    return torch.repeat_interleave(weight, per_image)
 
 
 def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: torch.Tensor,
@@ -31,7 +23,7 @@ def ibot_patch_loss(student_patch_logits: torch.Tensor, teacher_patch_probs: tor
     """dinov2's iBOTPatchLoss.forward_masked: a float32 scalar.
 
     Rows are the masked tokens [M, K] (student logits, teacher probabilities), `mask_weights`
-    [M] from `mask_weights`. The weighted cross-entropies are summed and divided by
+    [M] from models.patch_masks.mask_weights. The weighted cross-entropies are summed and divided by
     `n_images`: every global-crop image of the micro-batch, masked or not, so an image
     without masks still dilutes the loss as in dinov2.
     """

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from dino_dist.distributed.collectives import all_gather_rows
-from dino_dist.training.ibot_loss import IBOTCenter, ibot_patch_loss, mask_weights
+from dino_dist.models.patch_masks import PatchMasks
+from dino_dist.training.ibot_loss import IBOTCenter, ibot_patch_loss
 from dino_dist.training.koleo import KoLeoNeighbours, koleo_loss
 from dino_dist.training.loss import DINOLoss
 from dino_dist.training.sinkhorn import sinkhorn_knopp
@@ -127,7 +128,7 @@ class Objective:
                                   self.settings.sinkhorn_iterations)
         return list(assigned.split([len(part) for part in logits]))
 
-    def loss(self, out, targets: Targets, masks: torch.Tensor | None, n_crops: int,
+    def loss(self, out, targets: Targets, masks: PatchMasks | None, n_crops: int,
              koleo: tuple[KoLeoStep, int] | None = None) -> tuple[torch.Tensor, LossParts]:
         """The weighted sum of the terms for one micro-batch's student outputs (TrainOutputs);
         `koleo`: (the step's neighbours, this micro-batch's index) when found ahead."""
@@ -139,8 +140,8 @@ class Objective:
             total = total + s.koleo_weight * koleo_value
             parts.koleo = koleo_value.detach()
         if s.ibot_weight > 0 and masks is not None:
-            ibot = ibot_patch_loss(out.patch_head, targets.patch, mask_weights(masks),
-                                   masks.shape[0], self.student_temp)
+            ibot = ibot_patch_loss(out.patch_head, targets.patch, masks.weights,
+                                   masks.n_images, self.student_temp)
             total = total + s.ibot_weight * ibot
             parts.ibot = ibot.detach()
         return total, parts
