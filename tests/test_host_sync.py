@@ -98,8 +98,13 @@ def run_counted(tmp_path, image_folder, **overrides) -> dict:
     return json.loads(line[len("SYNCS "):])
 
 
-@pytest.mark.parametrize("paths", [{}, {"data.augment_on": "gpu", "model.packed_crops": True}],
-                         ids=["default", "augment_on_device_packed"])
+DINOV2 = {"loss.centering": "sinkhorn_knopp", "loss.koleo_weight": 0.1, "ibot.weight": 1.0,
+          "model.num_registers": 2, "optim.accum_steps": 2, "optim.batch_size_per_gpu": 2}
+
+
+@pytest.mark.parametrize("paths", [{}, {"data.augment_on": "gpu", "model.packed_crops": True},
+                                   DINOV2],
+                         ids=["default", "augment_on_device_packed", "dinov2_accumulating"])
 def test_ordinary_steps_make_no_host_synchronisation(tmp_path, image_folder, paths):
     # 32 images, 2 ranks x 4: 4 steps an epoch, 8 in all; steps 4 and 8 log and save.
     found = run_counted(tmp_path, image_folder, **paths)
