@@ -158,8 +158,8 @@ class ModelConfig:
     # block-diagonal attention (one pass through every layer) instead of one pass per crop
     # resolution. Same outputs; which is faster depends on the device and the model.
     packed_crops: bool = False
-    # DINOv2's backbone options (ViTs). LayerScale on both residual branches, initialised to
-    # this value (DINOv2: 1e-5); 0 = off.
+    # ViTs, as DINOv2: LayerScale on both residual branches, initialised to this value
+    # (DINOv2: 1e-5); 0 = off
     layerscale: float = non_negative(0.0)
     # Register tokens after the CLS token ("Vision Transformers Need Registers"; DINOv2 uses 4)
     num_registers: int = ruled(0, lambda v: 0 <= v <= 16, "must be between 0 and 16")
@@ -273,14 +273,14 @@ class LossConfig:
 class IbotConfig:
     """iBOT's masked-patch loss (DINOv2): some of the student's global-crop patches are
     replaced by a learned mask token and must predict the teacher's patch tokens there."""
-    weight: float = non_negative(0.0)  # the patch loss's weight (DINOv2: 1.0); 0 = off
+    weight: float = non_negative(0.0)  # The masked-patch loss's weight (DINOv2: 1.0); 0 = off
     # The share of global crops that are masked (each crop drawn from its sample's own seed)
     mask_probability: float = unit_interval(0.5)
     # The masked share of a masked crop's patches: drawn from [low, high] (block-wise masks)
     mask_ratio: list[float] = low_high([0.1, 0.5], ceiling=1)
     # A patch head of its own (DINOv2's ViT-L/g) instead of the DINO head shared with CLS
     separate_head: bool = False
-    out_dim: int = non_negative(0)  # prototypes of a separate patch head; 0 = model.out_dim
+    out_dim: int = non_negative(0)  # Prototypes of a separate patch head; 0 = model.out_dim
 
 
 @dataclass
