@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from dino_dist.errors import NonFiniteLossError
-from dino_dist.training.build import build_student_teacher, seed_everything
+from dino_dist.training.build import build_objective, build_student_teacher, seed_everything
 from dino_dist.training.clipping import clip_gradients
 from dino_dist.training.counters import StepCounters
 from dino_dist.training.ema import TeacherEMA
 from dino_dist.training.forward import DinoForward
-from dino_dist.training.loss import DINOLoss
 from dino_dist.training.schedules import Schedules
 from dino_dist.training.step_sums import FIGURES, StepSums
 from dino_dist.training.update import OptimizerUpdate
@@ -41,23 +40,29 @@ def test_forward_is_the_loss_of_the_teacher_on_global_crops_and_the_student_on_a
     cfg = tiny_cfg(tmp_path)
     seed_everything(0)
     student, teacher = build_student_teacher(cfg)
-    loss_fn = DINOLoss(cfg.model.out_dim)
+    objective = build_objective(cfg, CPU)
     crops = random_crops(4, 0)
-    out = DinoForward(teacher, loss_fn, 2, "fp32", CPU)(student, crops, teacher_temp=0.04)
+    out = DinoForward(teacher, objective, "fp32", CPU)(student, crops, teacher_temp=0.04)
     teacher_out = teacher(crops[:2]).detach()
     student_out = student(crops)
-    assert torch.equal(out.teacher, teacher_out) and not out.teacher.requires_grad
+    expected_targets = torch.softmax((teacher_out - objective.dino_loss.center) / 0.04, dim=-1)
+    assert torch.equal(out.targets.cls, expected_targets) and not out.targets.cls.requires_grad
     assert torch.equal(out.student, student_out)
-    assert torch.equal(out.loss, loss_fn(student_out, teacher_out, 0.04, len(crops)))
+    assert torch.equal(out.loss, objective.dino_loss(student_out, teacher_out, 0.04, len(crops)))
     assert out.loss.requires_grad  # the student's graph is there for the backward
 
 
 def test_forward_runs_under_the_precision_s_autocast(tmp_path):
     cfg = tiny_cfg(tmp_path)
     student, teacher = build_student_teacher(cfg)
-    forward = DinoForward(teacher, DINOLoss(cfg.model.out_dim), 2, "bf16", CPU)
-    out = forward(student, random_crops(4, 0), teacher_temp=0.04)
-    assert out.student.dtype == out.teacher.dtype == torch.bfloat16
+    forward = DinoForward(teacher, build_objective(cfg, CPU), "bf16", CPU)
+    crops = random_crops(4, 0)
+    out = forward(student, crops, teacher_temp=0.04)
+    assert out.student.dtype == torch.bfloat16
+    # The teacher runs in bf16 (its outputs are bf16 values) and is upcast for the targets.
+    teacher_out = forward.teacher_pass(crops, None).cls
+    assert teacher_out.dtype == torch.float32
+    assert torch.equal(teacher_out, teacher_out.to(torch.bfloat16).float())
     assert out.loss.dtype == torch.float32  # the loss upcasts: T = 0.04 overflows half precision
 
 
@@ -66,14 +71,24 @@ def test_step_sums_reduce_to_the_figures_of_every_micro_batch():
     first, second = torch.ones(4, 3), torch.full((2, 3), 2.0)
     sums.add(first, torch.tensor(1.5), loss_weight=0.5, skipped_images=1)
     sums.add(second, torch.tensor(float("nan")), loss_weight=0.5)
-    teacher_sum, figures = sums.reduce(stop_requested=True)
-    assert teacher_sum.tolist() == [8.0, 8.0, 8.0]
+    teacher_sum, patch_sums, figures = sums.reduce(stop_requested=True)
+    assert teacher_sum.tolist() == [8.0, 8.0, 8.0] and patch_sums is None  # iBOT off
     values = dict(zip(FIGURES, figures.tolist()))
     assert values["non_finite"] == 1 and values["count"] == 6
     assert values["skipped_images"] == 1 and values["stop_votes"] == 1
     assert values["loss_sum"] != values["loss_sum"]  # NaN: a non-finite loss is not hidden
     sums.reset()
     assert sums.count == 0 and sums.teacher_sum.abs().sum() == 0
+
+
+def test_step_sums_carry_the_masked_patch_sums_and_count_for_the_ibot_center():
+    sums = StepSums(out_dim=3, device=CPU, patch_dim=2)
+    sums.add(torch.ones(4, 3), torch.tensor(1.0), 0.5, teacher_patches=torch.ones(5, 2))
+    sums.add(torch.ones(4, 3), torch.tensor(1.0), 0.5, teacher_patches=torch.zeros(0, 2))
+    sums.add(torch.ones(4, 3), torch.tensor(1.0), 0.5, teacher_patches=torch.full((1, 2), 3.0))
+    teacher_sum, patch_sums, figures = sums.reduce(stop_requested=False)
+    assert patch_sums.tolist() == [8.0, 8.0, 6.0]  # the sum of 6 masked tokens, then 6
+    assert dict(zip(FIGURES, figures.tolist()))["count"] == 12
 
 
 @pytest.mark.parametrize("mode", ["per_param", "global"])
