@@ -25,6 +25,7 @@ from pathlib import Path
 from demo_sweep import read_run, run_table  # the same folder: one reader of a run's figures
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # dino_dist without an install, as the other benchmarks
 VARIANTS = {
     "dino": [],
     "sinkhorn": ["loss.centering=sinkhorn_knopp"],
