@@ -13,7 +13,7 @@ one of them). Scope "per_rank" is DINOv2's own form, within each micro-batch on 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -96,10 +96,10 @@ class Objective:
     settings: ObjectiveSettings
     dino_loss: DINOLoss
     patch_center: IBOTCenter | None = None
-    student_temp: float = field(init=False)
 
-    def __post_init__(self):
-        self.student_temp = self.dino_loss.student_temp
+    @property
+    def student_temp(self) -> float:
+        return self.dino_loss.student_temp
 
     @property
     def n_global_crops(self) -> int:
