@@ -268,15 +268,52 @@ def test_drop_path_random_in_train_and_identity_in_eval():
 
 
 def test_drop_path_is_per_sample():
-    from dino_dist.models.vit import drop_path
+    from dino_dist.models.vit import DropPath
 
     x = torch.ones(1000, 3, 4)
-    out = drop_path(x, 0.3, training=True)
-    per_sample = out.flatten(1)
+    scales = DropPath(0.3).train().scales(x)
+    assert scales.shape == (2, 1000, 1, 1)
+    per_sample = (x * scales[0]).flatten(1)
     # Every sample is either fully kept (scaled by 1/keep) or fully dropped.
     assert torch.all((per_sample == 0).all(1) | torch.isclose(per_sample, torch.tensor(1 / 0.7)).all(1))
     kept_fraction = (per_sample[:, 0] > 0).float().mean().item()
     assert 0.6 < kept_fraction < 0.8
+    assert DropPath(0.3).eval().scales(x) is None and DropPath(0.0).train().scales(x) is None
+
+
+def test_stochastic_depth_draws_once_per_forward_as_the_blocks_would_one_by_one():
+    """The ViT draws every block's factors in one call; the numbers, and so the output, are
+    those of each block drawing its own in turn, and both are DINO's x + drop(branch) with
+    drop(y) = y / keep * floor(keep + U) (rounding aside)."""
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2,
+                              drop_path_rate=0.5).train()
+    x = torch.randn(64, 3, 32, 32)
+    torch.manual_seed(3)
+    together = model.forward_tokens(x)
+
+    torch.manual_seed(3)
+    tokens = model.prepare_tokens(x)
+    for block in model.blocks:
+        tokens = block(tokens)
+    one_by_one = model.norm(tokens)
+    assert torch.equal(together, one_by_one)
+
+    torch.manual_seed(3)
+    tokens = model.prepare_tokens(x)
+    for block in model.blocks:
+        keep = 1 - block.drop_path.drop_prob
+
+        def dino_drop(y):
+            if not block.drop_path.active:
+                return y
+            return y.div(keep) * torch.floor(keep + torch.rand(y.shape[0], 1, 1))
+
+        tokens = tokens + dino_drop(block.ls1(block.attn(block.norm1(tokens))))
+        tokens = tokens + dino_drop(block.ls2(block.mlp(block.norm2(tokens))))
+    official = model.norm(tokens)
+    assert_close_at_scale(together, official, 1e-5)
+    with torch.no_grad():  # and something was dropped: the check would see a wrong factor
+        assert not torch.allclose(together, model.eval().forward_tokens(x), atol=1e-3)
 
 
 # ---------------------------------------------------------------------------

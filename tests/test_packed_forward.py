@@ -155,7 +155,8 @@ def test_drop_path_keeps_or_drops_each_packed_crop_whole_at_the_drop_rate():
     layout = PackedLayout(global_len=5, local_len=3, locals_per_row=2)
     starts = layout.crop_starts(torch.device("cpu"))
     drop_path = DropPath(drop_prob).train()
-    out = drop_path(torch.ones(rows, layout.row_len, 2), crop_starts=starts)
+    ones = torch.ones(rows, layout.row_len, 2)
+    out = ones * drop_path.scales(ones, crop_starts=starts)[1]
     crops = [out[:, 0:5], out[:, 5:8], out[:, 8:11]]
     kept = []
     for crop in crops:

@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from dino_dist.bench.floor import ModelFloor
+from dino_dist.bench.augment_bench import augment_figures
 from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
+from dino_dist.bench.op_count import count_ops
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.config import Config
 from dino_dist.data import sample_seed, split_batch
@@ -153,6 +155,9 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     # floor time / step time per round: robust to a burst of load from elsewhere
     round_ratios = [floor / step for step, floor in zip(seconds["step"], seconds["floor"])]
     shares = _phase_shares(clock, runner, settings.phase_steps)
+    # Counted after the timing: the counter slows what it watches. A compiled step's ops run
+    # inside its kernels, so they are not counted there.
+    step_ops = None if settings.compile else count_ops(runner)
 
     steps = per_round * settings.rounds
     images_per_step = cfg.optim.batch_size_per_gpu * accum  # per rank
@@ -174,6 +179,9 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
         "mfu": _rounded(mfu(flops_per_step, seconds_per_step, device_peak_flops(device, cfg.train.precision))),
         "floor_mfu": _rounded(mfu(flops_per_step, floor_seconds / steps,
                                   device_peak_flops(device, cfg.train.precision))),
+        "aten_ops_per_step": None if step_ops is None else step_ops.total,
+        "top_step_ops": None if step_ops is None else step_ops.top(10),
+        "augment_on_device": augment_figures(cfg.data, cfg.optim.batch_size_per_gpu, device),
         "timed_steps": steps,
         "warmup_steps": settings.warmup,
         "rounds": settings.rounds,

@@ -14,6 +14,7 @@ range is the recipe's (recipe.py, which also says when this path is used).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .batch import collate_masks
-from .crop_group import gray, per_crop, rotate_hue
+from .crop_group import GRAY_WEIGHTS, per_crop, rotate_hue
 from .crop_params import (BLUR_ON, BRIGHTNESS, COLUMNS, CONTRAST_OP, FLIP, GRAY, HEIGHT, HUE,
                           HUE_OP, JITTER_ON, LEFT, ORDER, SATURATION, SATURATION_OP, SIGMA,
                           SOLARIZE_ON, TOP, WIDTH, DecodedSample)
@@ -103,20 +104,37 @@ def cut_and_resize(canvas: torch.Tensor, params: torch.Tensor, batch_size: int,
 
 # ---------------------------------------------------------------- colour
 
-def _blend_step(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor,
-                active: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast or saturation, whichever `op` (0, 1, 2) names per crop.
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale weights, as one product and one channel sum [rows, 1, H, W]."""
+    return (x * _constant(GRAY_WEIGHTS, x.device)).sum(dim=1, keepdim=True)
 
-    All three are torchvision's blend f * x + (1 - f) * target, with target 0, the mean
-    grey level, or the grey image; an inactive crop gets f = 1, which returns x exactly.
+
+def _blend_coefficients(params: torch.Tensor, ops: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Each crop's blend steps as x -> a * x + b * grey(x) + c * mean grey: [rows, steps, 3].
+
+    Brightness, contrast and saturation are all torchvision's blend f * x + (1 - f) * target
+    with target 0, the mean grey level or the grey image; so one formula with per-crop
+    (a, b, c) = (f, 0, 0), (f, 0, 1 - f) or (f, 1 - f, 0) runs whichever op a crop has in
+    that step, and an inactive step gets (1, 0, 0), which returns x exactly. Computed for all
+    steps at once, so each step costs a few whole-stack ops instead of one gate per op.
     """
-    factor = torch.where(active, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
+    factors = params[:, BRIGHTNESS:SATURATION + 1].gather(1, ops)
+    a = torch.where(active, factors, torch.ones_like(factors))
+    rest = 1 - a
+    zeros = torch.zeros_like(a)
+    b = torch.where(ops == SATURATION_OP, rest, zeros)
+    c = torch.where(ops == CONTRAST_OP, rest, zeros)
+    return torch.stack((a, b, c), dim=-1)
+
+
+def _blend(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """One blend step, (a, b, c) [rows, 3] per crop (_blend_coefficients), clamped as
+    torchvision's float ops. (a*x + 0*g) + 0*m is a*x exactly, so each op's rounding is that
+    of its own formula."""
+    a, b, c = (per_crop(values) for values in coefficients.unbind(-1))
     grey = gray(x)
     mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
-    target = torch.where(per_crop(op == SATURATION_OP), grey,
-                         torch.where(per_crop(op == CONTRAST_OP), mean, 0.0))
-    factor = per_crop(factor)
-    return (x * factor + target * (1 - factor)).clamp_(0, 1)
+    return (x * a).addcmul_(grey, b).addcmul_(mean, c).clamp_(0, 1)
 
 
 def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -124,20 +142,25 @@ def colour_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     the recipe's jitter, crop_params.py), in each crop's own order of the four ops.
 
     crop_group.colour_jitter draws the same and skips the crops and ops not drawn; this one
-    reads nothing on the host, so it gates instead. Hue, the costly op, runs once over the stack: each crop's three blends are split into
-    those before its hue and those after, three gated blend steps on each side.
+    reads nothing on the host, so it gates instead. Hue, the costly op, runs once over the
+    stack: each crop's three blends are split into those before its hue and those after,
+    three blend steps on each side (_blend_coefficients), inactive ones exact pass-throughs.
     """
-    applied = params[:, JITTER_ON] > 0.5
+    applied = (params[:, JITTER_ON] > 0.5).unsqueeze(1)
     order = params[:, ORDER:ORDER + 4].long()
-    hue_slot = (order == HUE_OP).to(torch.uint8).argmax(dim=1)
-    factors = params[:, BRIGHTNESS:SATURATION + 1]
+    hue_slot = (order == HUE_OP).to(torch.uint8).argmax(dim=1, keepdim=True)
     # The j-th blend of a crop: the op in slot j, or in slot j + 1 once hue is passed.
-    blends = [torch.where(j < hue_slot, order[:, j], order[:, j + 1]) for j in range(3)]
-    for j, op in enumerate(blends):
-        x = _blend_step(x, op, factors, applied & (j < hue_slot))
+    step = torch.arange(3, device=params.device).unsqueeze(0)
+    before_hue = step < hue_slot
+    blends = torch.where(before_hue, order[:, :3], order[:, 1:])
+    ops = torch.cat((blends, blends), dim=1)  # steps 0-2 before the hue, 3-5 after
+    active = applied & torch.cat((before_hue, ~before_hue), dim=1)
+    coefficients = _blend_coefficients(params, ops, active)
+    for j in range(3):
+        x = _blend(x, coefficients[:, j])
     x = torch.where(per_crop(applied), rotate_hue(x, params[:, HUE]), x)
-    for j, op in enumerate(blends):
-        x = _blend_step(x, op, factors, applied & (j >= hue_slot))
+    for j in range(3, 6):
+        x = _blend(x, coefficients[:, j])
     return x
 
 
@@ -180,10 +203,14 @@ def solarize(x: torch.Tensor, params: torch.Tensor, threshold: float) -> torch.T
 
 
 def normalise_(x: torch.Tensor) -> torch.Tensor:
-    # Python scalars per channel: no constant tensor has to be copied to the device.
-    for channel, (mean, std) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD)):
-        x[:, channel].sub_(mean).div_(std)
-    return x
+    return x.sub_(_constant(IMAGENET_MEAN, x.device)).div_(_constant(IMAGENET_STD, x.device))
+
+
+@functools.cache
+def _constant(per_channel: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A per-channel constant [1, 3, 1, 1] on `device`, copied there once per process: a
+    copy per call would make the host wait for the device's queue."""
+    return torch.tensor(per_channel).view(1, 3, 1, 1).to(device)
 
 
 # ---------------------------------------------------------------- the whole batch

@@ -18,7 +18,7 @@ row and a gather to unpack.)
 
 A token's crop is named by the position of that crop's first token in the row
 (`crop_starts`): equal values mean the same crop (the attention mask), and the value indexes
-one random draw per crop (stochastic depth, vit._keep_crops).
+one random draw per crop (stochastic depth, vit.branch_scales).
 """
 from __future__ import annotations
 

@@ -25,56 +25,57 @@ DINOV2_LAYERSCALE_INIT = 1e-5
 FFN_LAYERS = ("mlp", "swiglu")
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Zero whole samples of a residual branch and rescale the survivors."""
-    if drop_prob == 0.0 or not training:
-        return x
-    return _keep_samples(x, 1.0 - drop_prob)
+def branch_scales(keep_probs: torch.Tensor, rows: int, device: torch.device,
+                  crop_starts: torch.Tensor | None = None,
+                  tokens: int | None = None) -> torch.Tensor:
+    """Stochastic depth's factor per residual branch and sample: 0 (dropped) or 1 / keep.
 
-
-def _keep_samples(x: torch.Tensor, keep_prob: float | torch.Tensor) -> torch.Tensor:
-    # One Bernoulli draw per sample, broadcast over all remaining dims.
-    mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep_mask = torch.floor(keep_prob + torch.rand(mask_shape, dtype=x.dtype, device=x.device))
-    return x.div(keep_prob) * keep_mask
-
-
-def _keep_crops(x: torch.Tensor, keep_prob: float | torch.Tensor,
-                crop_starts: torch.Tensor) -> torch.Tensor:
-    """`_keep_samples` for packed rows [rows, tokens, dim], where a sample is one crop.
-
-    One draw per token position, of which each token reads the one at its crop's first token
-    (`crop_starts`, see models.packing): every crop is kept or dropped whole, independently,
-    with the keep rate of the unpacked path, and the shapes stay static (no crop count).
+    One draw per (branch, sample) for all branches at once, in the order the branches run,
+    so a forward makes one random call instead of one per branch, and each branch is then a
+    single fused `x + branch * scale` (torch.addcmul). Returns [branches, rows, 1, 1]; with
+    `crop_starts` (packed rows, models.packing) [branches, rows, tokens, 1]: one draw per
+    token position, each token reading the one at its crop's first token, so every crop is
+    kept or dropped whole with the rate of the unpacked path and no shape depends on a count.
+    Drawn in float32 whatever the autocast dtype: a bf16 draw would bias the keep rate.
     """
-    draws = torch.rand(x.shape[:2], dtype=x.dtype, device=x.device)
-    keep_mask = torch.floor(keep_prob + draws[:, crop_starts]).unsqueeze(-1)
-    return x.div(keep_prob) * keep_mask
+    keep = keep_probs.view(-1, 1, 1)
+    if crop_starts is None:
+        draws = torch.rand((len(keep_probs), rows, 1), device=device)
+    else:
+        draws = torch.rand((len(keep_probs), rows, tokens), device=device)[:, :, crop_starts]
+    return draws.add_(keep).floor_().div_(keep).unsqueeze(-1)
 
 
 class DropPath(nn.Module):
-    """Stochastic depth; nothing of it shows up in a state_dict."""
+    """Stochastic depth of a block's two residual branches; nothing of it is in a state_dict.
+
+    The block calls `scales` once for both branches (or the ViT once for all its blocks,
+    see VisionTransformer._blocks) and adds each branch as x + branch * scale.
+    """
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
         self.drop_prob = float(drop_prob)
-        # The forward reads only a bool and a tensor: torch.compile guards on Python floats,
-        # so each block's own rate cost a recompile, and past the recompile limit (8) the
-        # remaining blocks silently ran eager. The keep rate is computed in double and rounded
-        # once, as a Python float is inside the kernel; non-persistent: not in the state_dict.
         self.active = self.drop_prob > 0.0
+        # Computed in double and rounded once; a tensor so that torch.compile does not guard
+        # on each block's own float (past the recompile limit blocks silently ran eager).
+        # Non-persistent: not in the state_dict.
         self.register_buffer("keep_prob", torch.tensor(1.0 - self.drop_prob), persistent=False)
 
-    def forward(self, x: torch.Tensor, crop_starts: torch.Tensor | None = None) -> torch.Tensor:
-        """`crop_starts`: given for packed rows (several crops per row), see `_keep_crops`."""
+    def scales(self, x: torch.Tensor, crop_starts: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The two branches' factors [2, ...] (branch_scales), or None when nothing is dropped."""
         if not (self.active and self.training):
-            return x
-        if crop_starts is None:
-            return _keep_samples(x, self.keep_prob)
-        return _keep_crops(x, self.keep_prob, crop_starts)
+            return None
+        return branch_scales(self.keep_prob.expand(2), x.shape[0], x.device, crop_starts,
+                             x.shape[1])
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.4f}"
+
+
+def add_branch(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The residual x + branch, the branch scaled per sample by stochastic depth if `scale`."""
+    return x + branch if scale is None else torch.addcmul(x, branch, scale)
 
 
 class Mlp(nn.Module):
@@ -182,16 +183,22 @@ class Block(nn.Module):
         self.ls2 = layer_scale(dim, layerscale_init)
 
     def forward(self, x: torch.Tensor, return_cls_attention: bool = False,
-                crop_starts: torch.Tensor | None = None) -> torch.Tensor:
+                crop_starts: torch.Tensor | None = None,
+                scales: torch.Tensor | None = None) -> torch.Tensor:
         """`crop_starts` [tokens]: set when each row of `x` packs several crops (models.packing):
-        attention stays within a crop and stochastic depth drops whole crops. A tensor, not a
-        layout object, so FSDP2, activation checkpointing and compile pass it through as is."""
+        attention stays within a crop and stochastic depth drops whole crops. Tensors, not a
+        layout object, so FSDP2, activation checkpointing and compile pass them through as is.
+        `scales` [2, ...]: the branches' stochastic-depth factors drawn by the caller
+        (DropPath.scales draws them here when not given)."""
         # The attention comes out of forward (not a method of its own) so that a sharded
         # (FSDP2) block gathers its parameters for it, as the official return_attention does.
         if return_cls_attention:
             return self.attn.cls_attention(self.norm1(x))
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), crop_starts)), crop_starts)
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), crop_starts)
+        if scales is None:
+            scales = self.drop_path.scales(x, crop_starts)
+        first, second = (None, None) if scales is None else scales.unbind(0)
+        x = add_branch(x, self.ls1(self.attn(self.norm1(x), crop_starts)), first)
+        return add_branch(x, self.ls2(self.mlp(self.norm2(x))), second)
 
 
 class PatchEmbed(nn.Module):
@@ -282,6 +289,10 @@ class VisionTransformer(nn.Module):
             for rate in drop_path_rates(drop_path_rate, depth, drop_path_uniform)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        # The keep rate of each dropping block's two branches, in the order they run.
+        keep = [block.drop_path.keep_prob for block in self.blocks if block.drop_path.active]
+        self.register_buffer("branch_keep", torch.stack(keep).repeat_interleave(2) if keep else None,
+                             persistent=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -341,9 +352,21 @@ class VisionTransformer(nn.Module):
 
     def _blocks(self, tokens: torch.Tensor,
                 crop_starts: torch.Tensor | None = None) -> torch.Tensor:
+        scales = self._stochastic_depth(tokens, crop_starts)
         for block in self.blocks:
-            tokens = block(tokens, crop_starts=crop_starts)
+            block_scales = scales.pop(0) if block.drop_path.active and scales else None
+            tokens = block(tokens, crop_starts=crop_starts, scales=block_scales)
         return tokens
+
+    def _stochastic_depth(self, tokens: torch.Tensor,
+                          crop_starts: torch.Tensor | None) -> list[torch.Tensor]:
+        """Every dropping block's two factors [2, ...], drawn in one call (branch_scales);
+        the blocks draw in the same order as each drawing its own, so the numbers match."""
+        if not (self.training and self.branch_keep is not None):
+            return []
+        scales = branch_scales(self.branch_keep, tokens.shape[0], tokens.device, crop_starts,
+                               tokens.shape[1])
+        return list(scales.split(2))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.norm(self._blocks(self.prepare_tokens(images)))[:, 0]
