@@ -5,6 +5,8 @@
 #   ViT-S/16 end to end from real JPEG files on local disk, data.augment_on=cpu and =gpu,
 #     and the loader processes' own images/s for both (how many feed the GPU);
 #   ViT-B/16 and ViT-L/16 (MFU), and the largest batch that fits for S, B and L;
+#   a profile of ViT-S/16 from synthetic crops and from JPEGs (augment on the GPU): kernels
+#     per step, the GPU-busy share, the top kernels, and the device augmentation's own cost;
 #   the DINOv2 recipe (Sinkhorn-Knopp, KoLeo, iBOT, LayerScale) as its configs set it:
 #     ViT-S/14 batch 64 and ViT-L/14 batch 32, 2x224 + 8x98 crops, synthetic.
 # Each part prints one JSON line into $OUT/<part>.json (or benchmarks/out), its stderr goes to
@@ -65,6 +67,9 @@ part vit_s_packed 60 "${bench[@]}" "${recipe[@]}" model.packed_crops=true
 part reference_step 70 python3 benchmarks/reference_step.py --config "$config" --steps "$steps" --rounds 2 "${recipe[@]}"
 part vit_s_jpeg_augment_cpu 60 "${bench[@]}" --data folder "${recipe[@]}" data.path="$jpeg_dir" data.augment_on=cpu data.num_workers="$cpu_workers"
 part vit_s_jpeg_augment_gpu 60 "${bench[@]}" --data folder "${recipe[@]}" data.path="$jpeg_dir" data.augment_on=gpu data.num_workers="$gpu_workers"
+# Where the time goes: kernels per step, GPU-busy share and the top kernels (dino-bench --profile).
+part profile_vit_s 60 "${bench[@]}" --profile 5 "${recipe[@]}"
+part profile_vit_s_jpeg_gpu 70 "${bench[@]}" --profile 5 --data folder "${recipe[@]}" data.path="$jpeg_dir" data.augment_on=gpu data.num_workers="$gpu_workers"
 part loader_augment_cpu 30 python3 -m dino_dist.cli.bench --data-only --rounds 2 --images "$jpeg_dir" data.augment_on=cpu
 part loader_augment_gpu 30 python3 -m dino_dist.cli.bench --data-only --rounds 2 --images "$jpeg_dir" data.augment_on=gpu
 part vit_b_eager 50 "${bench[@]}" "${recipe[@]}" "$(smoke_arch vit_base)"

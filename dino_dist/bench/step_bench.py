@@ -20,6 +20,7 @@ from dino_dist.bench.augment_bench import augment_figures
 from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
 from dino_dist.bench.op_count import count_ops
 from dino_dist.bench.phases import PhaseClock
+from dino_dist.bench.step_profile import profile_steps
 from dino_dist.config import Config
 from dino_dist.data import sample_seed, split_batch
 from dino_dist.data.batch import collate_masks
@@ -35,6 +36,7 @@ class BenchSettings:
     phase_steps: int = 5  # steps of the separate, synchronised per-phase pass
     synthetic: bool = True  # in-memory crops (compute only) or the configured image folder
     compile: bool = False  # torch.compile student and teacher
+    profile_steps: int = 0  # steps of a torch.profiler pass (bench.step_profile); 0 = none
 
 
 def synthetic_crops(cfg: Config, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
@@ -158,6 +160,7 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
     # Counted after the timing: the counter slows what it watches. A compiled step's ops run
     # inside its kernels, so they are not counted there.
     step_ops = None if settings.compile else count_ops(runner)
+    profiled = profile_steps(runner, settings.profile_steps, device) if settings.profile_steps else None
 
     steps = per_round * settings.rounds
     images_per_step = cfg.optim.batch_size_per_gpu * accum  # per rank
@@ -182,6 +185,7 @@ def run_step_benchmark(cfg: Config, env: DistEnv, settings: BenchSettings,
         "aten_ops_per_step": None if step_ops is None else step_ops.total,
         "top_step_ops": None if step_ops is None else step_ops.top(10),
         "augment_on_device": augment_figures(cfg.data, cfg.optim.batch_size_per_gpu, device),
+        "profile": profiled,
         "timed_steps": steps,
         "warmup_steps": settings.warmup,
         "rounds": settings.rounds,

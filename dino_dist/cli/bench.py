@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phase-steps", type=int, default=5,
                         help="steps of the synchronised per-phase pass (default 5; 0 = skip)")
     parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many more steps: kernels per step, GPU-busy share, "
+                             "top kernels (on a CPU: top aten ops) (default 0 = off)")
     parser.add_argument("--images", default=None,
                         help="--data-only: a folder of images or a shard set (folder, pattern, "
                              "s3://) (default: generated 500x375 JPEGs)")
@@ -46,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("steps", "rounds", "images_per_round"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "phase_steps"):
+    for name in ("warmup", "phase_steps", "profile"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     return args
@@ -84,7 +87,7 @@ def step_benchmark(args: argparse.Namespace) -> dict | None:
     cfg = load_config(config_path, args.overrides)
     settings = BenchSettings(steps=args.steps, warmup=args.warmup, rounds=args.rounds,
                              phase_steps=args.phase_steps, synthetic=args.data == "synthetic",
-                             compile=args.compile)
+                             compile=args.compile, profile_steps=args.profile)
     env = init_distributed(cfg.train.device)
     try:
         bench_images = None
