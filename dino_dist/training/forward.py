@@ -18,6 +18,7 @@ from dino_dist.distributed.parallel import release_gathered_parameters
 from dino_dist.models.patch_masks import PatchMasks
 from dino_dist.training.clock import IdleClock
 from dino_dist.training.objective import LossParts, Objective, Targets
+from dino_dist.training.teacher_copy import LowPrecisionTeacher
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,6 +44,9 @@ class DinoForward:
         self.teacher, self.objective = teacher, objective
         self.n_global_crops = objective.n_global_crops
         self.autocast_dtype = AUTOCAST_DTYPES.get(precision)
+        # The teacher's matmul weights cast once per pass, not at each use (teacher_copy.py).
+        self.low_precision_teacher = LowPrecisionTeacher(teacher, self.autocast_dtype) \
+            if LowPrecisionTeacher.applies(teacher, self.autocast_dtype) else None
         self.device = device
         self.clock = clock or IdleClock()
 
@@ -53,9 +57,11 @@ class DinoForward:
 
     @torch.no_grad()
     def teacher_pass(self, crops: list[torch.Tensor], masks: PatchMasks | None) -> TeacherOutputs:
+        teacher = self.teacher if self.low_precision_teacher is None \
+            else self.low_precision_teacher.module()
         with self.autocast():
-            out = self.teacher(crops[: self.n_global_crops], output="train", masks=masks,
-                               mask_inputs=False)
+            out = teacher(crops[: self.n_global_crops], output="train", masks=masks,
+                          mask_inputs=False)
         # A sharded teacher keeps what it gathered until a backward that never comes:
         # the next forward would then use the weights from before the EMA.
         release_gathered_parameters(self.teacher)
