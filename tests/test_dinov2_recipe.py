@@ -124,3 +124,43 @@ def test_sigkill_mid_epoch_then_resume_equals_an_unbroken_run(dataset, tmp_path)
     for part in PARTS:
         for key, value in unbroken[part].items():
             assert torch.equal(resumed[part][key], value), f"{part}.{key}"
+
+
+# -- the shipped config, as a user runs it ---------------------------------------------------
+
+SHRINK = ["model.arch=vit_mini", "model.img_size=28", "data.global_crop_size=28",
+          "data.local_crop_size=14", "data.local_crops_number=2", "model.out_dim=256",
+          "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "data.num_workers=0",
+          "optim.batch_size_per_gpu=4", "train.device=cpu", "log.every_steps=1",
+          "eval.image_size=28"]
+
+
+@pytest.mark.parametrize("config", ["configs/dinov2_vit_small_14.yaml",
+                                    "configs/dinov2_vit_large_14.yaml"])
+def test_dinov2_config_trains_resumes_in_the_frozen_epoch_and_reports_knn(config, dataset, tmp_path):
+    """Each shipped DINOv2 config with only its sizes shrunk: bf16, stochastic depth, the
+    last layer frozen in epoch 1, 2 ranks (ViT-L/14's: FSDP, SwiGLU, its own iBOT head), k-NN
+    at the end; a run stopped inside the first epoch resumes to the uninterrupted run's
+    weights, and the run exits 0."""
+    stop, end = 3, 10  # 8 steps an epoch here
+    own_head = ["ibot.out_dim=128"] if "large" in config else []  # the config's 131,072, shrunk
+    user = SHRINK + own_head + [f"data.path={dataset}", "eval.knn_at_end=true", f"eval.train_path={dataset}",
+                     f"eval.val_path={dataset}", "checkpoint.every_steps=1", "checkpoint.keep_last=20"]
+    whole = run_train(user + [f"train.output_dir={tmp_path / 'whole'}", f"train.max_steps={end}"],
+                      nproc=2, config=config, timeout=400)
+    assert "k-NN (k=20)" in whole.stdout and "random init" in whole.stdout
+    frozen = state_at(tmp_path / "whole", stop)
+    first = state_at(tmp_path / "whole", 1)
+    last_layer = [k for k in frozen["student"] if k.startswith("head.last_layer")]
+    assert last_layer and all(torch.equal(frozen["student"][k], first["student"][k]) for k in last_layer)
+    assert any(not torch.equal(state_at(tmp_path / "whole", end)["student"][k], frozen["student"][k])
+               for k in last_layer)  # trained once the first epoch is over
+    run_train(user + [f"train.output_dir={tmp_path / 'stopped'}", f"train.max_steps={stop}"],
+              nproc=2, config=config, timeout=400)
+    resumed = run_train(user + [f"train.output_dir={tmp_path / 'stopped'}", f"train.max_steps={end}"],
+                        nproc=2, config=config, timeout=400)
+    assert "resumed from" in resumed.stdout
+    ours, reference = state_at(tmp_path / "stopped", end), state_at(tmp_path / "whole", end)
+    for part in PARTS:
+        err, key = max_relative_error(ours[part], reference[part])
+        assert err < 1e-6, f"{part}.{key} differs by {err:.2e} relative"
