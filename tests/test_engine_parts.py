@@ -181,7 +181,12 @@ def test_update_drops_the_last_layer_gradient_while_it_is_frozen():
     assert layer.bias.grad is not None
 
 
-def test_ema_follows_the_student_only_on_applied_steps():
+@pytest.mark.parametrize("fused_lerp", [True, False])  # False: a torch without the lerp overload
+def test_ema_follows_the_student_only_on_applied_steps(fused_lerp, monkeypatch):
+    from dino_dist.training import ema as ema_module
+    if fused_lerp and not ema_module._LERP_TAKES_A_TENSOR:
+        pytest.skip("this torch has no _foreach_lerp_ with a tensor weight")
+    monkeypatch.setattr(ema_module, "_LERP_TAKES_A_TENSOR", fused_lerp)
     torch.manual_seed(0)
     student, teacher = nn.Linear(4, 3), nn.Linear(4, 3)
     ema = TeacherEMA(student, teacher)

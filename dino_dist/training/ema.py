@@ -20,6 +20,24 @@ class TeacherEMA:
         # Sharded models are sharded alike, so the EMA runs shard by shard with no gather.
         # The shards are looked up each time: FSDP may re-point them (e.g. at its lazy init).
         teacher, student = local_tensors(self.teacher), local_tensors(self.student)
-        kept = torch.where(applied, momentum, 1.0)
-        torch._foreach_mul_(teacher, kept)
-        torch._foreach_add_(teacher, torch._foreach_mul(student, 1.0 - kept))
+        taken = torch.where(applied, 1.0 - momentum, 0.0)
+        if _LERP_TAKES_A_TENSOR:
+            # teacher + taken * (student - teacher): one pass over both lists, no temporary
+            # copy of the student (mul, mul and add took three and one); a skipped step
+            # (taken 0) leaves the teacher exactly as it was.
+            torch._foreach_lerp_(teacher, student, taken)
+        else:
+            torch._foreach_mul_(teacher, 1.0 - taken)
+            torch._foreach_add_(teacher, torch._foreach_mul(student, taken))
+
+
+def _lerp_takes_a_tensor() -> bool:
+    """Whether this torch has _foreach_lerp_ with a tensor weight (one read on the device)."""
+    try:
+        torch._foreach_lerp_([torch.zeros(1)], [torch.ones(1)], torch.tensor(0.5))
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+_LERP_TAKES_A_TENSOR = _lerp_takes_a_tensor()
