@@ -26,7 +26,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_dist.bench.images import ensure_bench_images  # noqa: E402
-from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops, timed  # noqa: E402
+from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops  # noqa: E402
+from dino_dist.bench.timing import timed  # noqa: E402
 from dino_dist.config import load_config  # noqa: E402
 from dino_dist.distributed.env import init_distributed  # noqa: E402
 from dino_dist.models import build_backbone  # noqa: E402

@@ -25,7 +25,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dino_dist.bench.images import ensure_bench_images  # noqa: E402
-from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops, timed  # noqa: E402
+from dino_dist.bench.step_bench import StepRunner, alternate, synthetic_crops  # noqa: E402
+from dino_dist.bench.timing import timed  # noqa: E402
 from dino_dist.training.build import build_student_teacher, build_training  # noqa: E402
 from dino_dist.config import load_config  # noqa: E402
 from dino_dist.distributed.env import init_distributed  # noqa: E402

@@ -7,12 +7,11 @@ when the crops are made on the GPU.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from dino_dist.bench.images import BENCH_IMAGE_SIZE
 from dino_dist.bench.op_count import count_ops
+from dino_dist.bench.timing import timed
 from dino_dist.data.crop_params import CropParamSampler
 from dino_dist.data.device_augment import DecodedBatch, augment_batch, collate_decoded
 from dino_dist.data.recipe import CropRecipe
@@ -37,13 +36,6 @@ def augment_figures(data_config, batch_size: int, device: torch.device, calls: i
     batch = decoded_batch(data_config, batch_size, device)
     augment_batch(batch)  # first-call costs (allocations, kernel selection) left out
     ops = count_ops(lambda: augment_batch(batch))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    began = time.perf_counter()
-    for _ in range(calls):
-        augment_batch(batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    seconds = timed(lambda: augment_batch(batch), calls, device)
     return {"aten_ops_per_call": ops.total, "top_ops": ops.top(8),
-            "ms_per_micro_batch": round((time.perf_counter() - began) / calls * 1e3, 3),
-            "batch_size": batch_size}
+            "ms_per_micro_batch": round(seconds / calls * 1e3, 3), "batch_size": batch_size}

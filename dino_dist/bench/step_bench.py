@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,6 +20,7 @@ from dino_dist.bench.flops import count_flops, device_peak_flops, mfu
 from dino_dist.bench.op_count import count_ops
 from dino_dist.bench.phases import PhaseClock
 from dino_dist.bench.step_profile import profile_steps
+from dino_dist.bench.timing import timed
 from dino_dist.config import Config
 from dino_dist.data import sample_seed, split_batch
 from dino_dist.data.batch import collate_masks
@@ -90,20 +90,6 @@ class StepRunner:
         # As the training loop's ordinary steps: the step's figures are read a step later.
         engine.finish_step(schedule_step, self.epoch, read_now=False)
         self.step += 1
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(run_once: Callable[[], None], calls: int, device: torch.device) -> float:
-    _synchronize(device)
-    began = time.perf_counter()
-    for _ in range(calls):
-        run_once()
-    _synchronize(device)
-    return time.perf_counter() - began
 
 
 def alternate(runs: dict[str, Callable[[], None]], rounds: int, per_round: int,

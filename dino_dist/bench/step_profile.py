@@ -8,13 +8,14 @@ dino-bench's `aten_ops_per_step`.
 """
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Callable
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from dino_dist.bench.timing import timed
 
 TOP = 12
 
@@ -24,12 +25,7 @@ def profile_steps(run_once: Callable[[], None], steps: int, device: torch.device
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        _synchronize(device)
-        began = time.perf_counter()
-        for _ in range(steps):
-            run_once()
-        _synchronize(device)
-        wall_us = (time.perf_counter() - began) * 1e6
+        wall_us = timed(run_once, steps, device) * 1e6
     events = prof.events()
     report = {"steps": steps, "ms_per_step": round(wall_us / steps / 1e3, 3)}
     if on_cuda:
@@ -68,8 +64,3 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
         covered += end - max(start, reach)
         reach = end
     return covered
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -352,9 +352,9 @@ class VisionTransformer(nn.Module):
 
     def _blocks(self, tokens: torch.Tensor,
                 crop_starts: torch.Tensor | None = None) -> torch.Tensor:
-        scales = self._stochastic_depth(tokens, crop_starts)
+        scales = iter(self._stochastic_depth(tokens, crop_starts))
         for block in self.blocks:
-            block_scales = scales.pop(0) if block.drop_path.active and scales else None
+            block_scales = next(scales, None) if block.drop_path.active else None
             tokens = block(tokens, crop_starts=crop_starts, scales=block_scales)
         return tokens
 

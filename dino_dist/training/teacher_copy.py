@@ -45,11 +45,11 @@ class LowPrecisionTeacher:
                 low = nn.Parameter(param.detach().to(dtype), requires_grad=False)
                 twin._parameters[name] = low
                 self.low.append(low)
-                self.source.append(param)
+                self.source.append(param.detach())  # a view of the same storage
 
     @torch.no_grad()
     def module(self) -> nn.Module:
-        torch._foreach_copy_(self.low, [p.detach() for p in self.source])
+        torch._foreach_copy_(self.low, self.source)
         self.working.train(self.teacher.training)
         return self.working
 
