@@ -103,6 +103,30 @@ def table_row(row: dict) -> str:
             f"{row['warnings']} | {row['wall_min']:.1f} |")
 
 
+SUMMARY_HEADER = ("| set | variant | seeds | k-NN % mean (min-max) | linear % mean (min-max) "
+                  "| proto end mean | runs that warned |\n|" + " --- |" * 7)
+
+
+def summary(table: Path) -> list[str]:
+    """One line per (set, variant) of a study's table.md: the means over its seeds (a run
+    rerun with the same seed counts once, its last row)."""
+    runs: dict[tuple[str, str], dict[str, list[str]]] = {}
+    for line in table.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 11 or not cells[2].isdigit() or cells[3].startswith("exit"):
+            continue  # header, separator, or a failed run
+        runs.setdefault((cells[0], cells[1]), {})[cells[2]] = cells
+    lines = [SUMMARY_HEADER]
+    for (data_set, variant), by_seed in sorted(runs.items()):
+        rows = list(by_seed.values())
+        knn, linear, proto = ([float(r[i]) for r in rows] for i in (3, 5, 7))
+        spread = lambda xs: f"{sum(xs) / len(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+        warned = sum(r[9] != "-" for r in rows)
+        lines.append(f"| {data_set} | {variant} | {','.join(sorted(by_seed))} | {spread(knn)} | "
+                     f"{spread(linear)} | {sum(proto) / len(proto):.0f} | {warned} of {len(rows)} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default="demo,real_photos")
@@ -110,7 +134,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma list of train.seed values")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--out", default="runs/dinov2_study")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the means over seeds of --out/table.md and run nothing")
     args = parser.parse_args()
+    if args.summary:
+        print("\n".join(summary(Path(args.out) / "table.md")))
+        return
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
