@@ -26,13 +26,14 @@ from demo_sweep import read_run, run_table  # the same folder: one reader of a r
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # dino_dist without an install, as the other benchmarks
-VARIANTS = {
-    "dino": [],
-    "sinkhorn": ["loss.centering=sinkhorn_knopp"],
-    "koleo": ["loss.koleo_weight=0.1"],
-    "ibot": ["ibot.weight=1.0"],
-    "dinov2": ["loss.centering=sinkhorn_knopp", "loss.koleo_weight=0.1", "ibot.weight=1.0"],
-}
+# Every variant names all three terms, so it means the same whatever configs/demo.yaml turns
+# on by default.
+OFF = {"loss.centering": "center", "loss.koleo_weight": "0", "ibot.weight": "0"}
+SINKHORN, KOLEO, IBOT = ({"loss.centering": "sinkhorn_knopp"}, {"loss.koleo_weight": "0.1"},
+                         {"ibot.weight": "1.0"})
+VARIANTS = {name: [f"{key}={value}" for key, value in terms.items()] for name, terms in {
+    "dino": OFF, "sinkhorn": OFF | SINKHORN, "koleo": OFF | KOLEO, "ibot": OFF | IBOT,
+    "dinov2": SINKHORN | KOLEO | IBOT}.items()}
 UNIFORM = 0.95
 
 
