@@ -31,9 +31,8 @@ sys.path.insert(0, str(REPO))  # dino_dist without an install, as the other benc
 OFF = {"loss.centering": "center", "loss.koleo_weight": "0", "ibot.weight": "0"}
 SINKHORN, KOLEO, IBOT = ({"loss.centering": "sinkhorn_knopp"}, {"loss.koleo_weight": "0.1"},
                          {"ibot.weight": "1.0"})
-VARIANTS = {name: [f"{key}={value}" for key, value in terms.items()] for name, terms in {
-    "dino": OFF, "sinkhorn": OFF | SINKHORN, "koleo": OFF | KOLEO, "ibot": OFF | IBOT,
-    "dinov2": SINKHORN | KOLEO | IBOT}.items()}
+VARIANTS = {"dino": OFF, "sinkhorn": OFF | SINKHORN, "koleo": OFF | KOLEO, "ibot": OFF | IBOT,
+            "dinov2": SINKHORN | KOLEO | IBOT}
 UNIFORM = 0.95
 
 
@@ -77,8 +76,9 @@ def uniform_until(run_dir: Path) -> int:
 def run_one(data_set: str, variant: str, seed: int, out: Path, threads: int) -> dict:
     run_dir = out / f"{data_set}_{variant}_seed{seed}"
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "dino_dist.train", *set_overrides(data_set, out),
-           *VARIANTS[variant], f"train.seed={seed}", f"train.output_dir={run_dir}"]
+    terms = [f"{key}={value}" for key, value in VARIANTS[variant].items()]
+    cmd = [sys.executable, "-m", "dino_dist.train", *set_overrides(data_set, out), *terms,
+           f"train.seed={seed}", f"train.output_dir={run_dir}"]
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -121,11 +121,14 @@ def summary(table: Path) -> list[str]:
     for (data_set, variant), by_seed in sorted(runs.items()):
         rows = list(by_seed.values())
         knn, linear, proto = ([float(r[i]) for r in rows] for i in (3, 5, 7))
-        spread = lambda xs: f"{sum(xs) / len(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
         warned = sum(r[9] != "-" for r in rows)
         lines.append(f"| {data_set} | {variant} | {','.join(sorted(by_seed))} | {spread(knn)} | "
                      f"{spread(linear)} | {sum(proto) / len(proto):.0f} | {warned} of {len(rows)} |")
     return lines
+
+
+def spread(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:
