@@ -203,9 +203,13 @@ def test_engine_fills_statistics_only_when_given_and_trains_the_same(tmp_path):
             assert torch.equal(a, b)
     assert torch.equal(plain.loss_fn.center, watched.loss_fn.center)
     values = stats.read(result.loss)
-    # 2 global + 2 local crops: 2 global-view and 4 local-view pairs per image.
+    # The split is the DINO term's; 2 global + 2 local crops: 2 global-view and 4 local-view
+    # pairs per image. The default recipe adds KoLeo (weight cfg.loss.koleo_weight) to it.
     mix = (2 * values["loss_global"] + 4 * values["loss_local"]) / 6
-    assert mix == pytest.approx(result.loss, rel=1e-5)
+    assert mix == pytest.approx(values["loss_dino"], rel=1e-5)
+    assert cfg.loss.koleo_weight > 0
+    total = values["loss_dino"] + cfg.loss.koleo_weight * values["loss_koleo"]
+    assert total == pytest.approx(result.loss, rel=1e-5)
     assert 0 <= values["agreement"] <= 1
     expected = float(teacher_entropy_sum(teacher_out, torch.zeros(1, cfg.model.out_dim),
                                          float(watched.schedules.teacher_temp[0]))) / 8

@@ -17,9 +17,9 @@ import torch
 from dino_dist.export.backbone import export, sidecar
 from dino_dist.models import build_backbone
 from dino_dist.checkpoint.directory import COMMIT_MARKER as MARKER
-from tests.conftest import (REPO, child_pids, free_port, kill_pids, max_relative_error,
-                            run_train, state_at, subprocess_env, tiny_overrides,
-                            write_image_folder)
+from tests.conftest import (EQUIVALENCE_SEED, REPO, child_pids, free_port, kill_pids,
+                            max_relative_error, run_train, state_at, subprocess_env,
+                            tiny_overrides, write_image_folder)
 
 STEPS = 6  # 64 images, 8 per optimizer step: 8 steps per epoch
 
@@ -88,7 +88,7 @@ def test_fsdp_checkpoint_resumes_at_two_ranks_and_at_one(fsdp_run, dataset, tmp_
 
 
 FAST_PATHS = {"data.augment_on": "gpu", "model.packed_crops": True, "log.every_steps": 4,
-              "train.seed": 1}  # the seed: see test_equivalence.FAST_PATHS
+              "train.seed": EQUIVALENCE_SEED}
 
 
 def test_fast_paths_fsdp_equals_ddp_and_resumes_exactly(dataset, tmp_path):

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import max_relative_error, run_train, tiny_overrides, write_image_folder
+from tests.conftest import (EQUIVALENCE_SEED, max_relative_error, run_train, tiny_overrides,
+                            write_image_folder)
 from tests.two_hosts import NamespacesUnavailable, TwoHosts
 
 STEPS, BATCH = 6, 8
@@ -66,9 +67,10 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def test_two_hosts_half_batch_equal_one_process_full_batch(two_hosts, dataset, tmp_path):
     reference, spread = tmp_path / "reference", tmp_path / "two_hosts"
-    run_train(tiny_overrides(dataset, reference, **{"train.max_steps": STEPS}))
+    training = {"train.max_steps": STEPS, "train.seed": EQUIVALENCE_SEED}
+    run_train(tiny_overrides(dataset, reference, **training))
     train_args = tiny_overrides(dataset, spread, **{
-        "train.max_steps": STEPS, "optim.batch_size_per_gpu": BATCH // 2})
+        **training, "optim.batch_size_per_gpu": BATCH // 2})
     agents = [two_hosts.torchrun(host, static_args(two_hosts, rank, 1, 29510), train_args,
                                  log=tmp_path / f"host{rank}.log")
               for rank, host in enumerate(two_hosts.hosts)]

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dino_dist.config import ConfigError, load_config
 from dino_dist.models import build_backbone
+from dino_dist.training.build import require_koleo_neighbours
 from tests.conftest import (REPO, max_relative_error, run_train, state_at, subprocess_env,
                             tiny_overrides, write_image_folder)
 
@@ -152,3 +154,29 @@ def test_missing_evaluation_folder_stops_before_the_first_step(tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() or \
         not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_batch_of_one_with_the_default_koleo_term_stops_before_the_first_step(tmp_path):
+    """The demo recipe's KoLeo term needs a nearest other image: one image alone would be
+    its own neighbour, at distance eps, a loss of ~32 and a gradient of pure noise."""
+    photos = write_image_folder(tmp_path / "photos", labelled=False)
+    result = run_train([f"data.path={photos}", f"train.output_dir={tmp_path / 'run'}",
+                        "optim.batch_size_per_gpu=1", "eval.knn_at_end=false"], check=False)
+    assert result.returncode != 0
+    said = result.stderr + result.stdout
+    assert "loss.koleo_weight=0.1 needs at least 2 images per micro-batch" in said, said
+    assert "raise optim.batch_size_per_gpu, or set loss.koleo_weight=0" in said
+    assert "Traceback" not in result.stderr and "step 1/" not in said
+
+
+@pytest.mark.parametrize("scope, world_size, allowed", [
+    ("global", 2, True),     # one image per rank: 2 rows over the ranks
+    ("per_rank", 2, False),  # dinov2's form sees one rank's rows only
+    ("global", 1, False)])
+def test_koleo_batch_rule_counts_the_rows_koleo_sees(scope, world_size, allowed):
+    cfg = load_config(None, ["optim.batch_size_per_gpu=1", f"loss.koleo_scope={scope}"])
+    if allowed:
+        require_koleo_neighbours(cfg, world_size)
+    else:
+        with pytest.raises(ConfigError, match="needs at least 2 images"):
+            require_koleo_neighbours(cfg, world_size)

@@ -109,8 +109,27 @@ class Training:
     sampler: object
 
 
+def require_koleo_neighbours(cfg: Config, world_size: int) -> None:
+    """KoLeo needs a nearest *other* row. With one row the row is its own neighbour, at
+    distance eps, and its gradient is noise of norm ~100 (a loss of ~32), so refuse it."""
+    if cfg.loss.koleo_weight == 0:
+        return
+    # The smallest set KoLeo sees: one micro-batch, on one rank or (global scope) on every
+    # rank; an epoch's short last group may hold a single micro-batch.
+    per_rank = cfg.loss.koleo_scope == "per_rank"
+    rows = cfg.optim.batch_size_per_gpu * (1 if per_rank else world_size)
+    if rows < 2:
+        where = "per rank" if per_rank else f"over {world_size} rank(s)"
+        raise ConfigError(
+            f"loss.koleo_weight={cfg.loss.koleo_weight} needs at least 2 images per micro-batch "
+            f"{where} (KoLeo spreads each feature away from its nearest other one), got "
+            f"optim.batch_size_per_gpu={cfg.optim.batch_size_per_gpu}: raise "
+            f"optim.batch_size_per_gpu, or set loss.koleo_weight=0")
+
+
 def build_training(cfg: Config, env: DistEnv, clock=None) -> Training:
     """`clock`: the engine's phase clock (dino-bench); None in training."""
+    require_koleo_neighbours(cfg, env.world_size)
     configure_cpu_threads(env, cfg.data.num_workers)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     student, teacher = build_student_teacher(cfg)
