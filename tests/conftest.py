@@ -33,14 +33,10 @@ def write_image_folder(root: Path, classes: int = 2, per_class: int = 16, size: 
     return root
 
 
-# The seed of the runs that compare 1 rank x B with 2 ranks x B/2 or k x B/k. With seed 0 the
-# first batch gives one query-bias element of block 0 a gradient of -4.4e-8 in a tensor of
-# norm 3 (median element 2e-3). There AdamW's first step, lr * g / (|g| + eps) with eps
-# 1e-8, moves by 215 times any change of g, so the float32 rounding of the batch sum
-# (1.2e-10: 1 rank -4.356e-8, 2 ranks -4.344e-8) moves that weight by 2.6e-8, which is
-# 2.6e-5 of a bias that has only taken one lr-sized step. That is rounding amplified by the
-# optimizer, not different math: test_equivalence compares the gradients themselves at
-# seed 0 too, and they agree to float32 rounding.
+# The seed of the runs that compare 1 rank x B with 2 ranks x B/2 or k x B/k. Seed 0's first
+# batch puts one bias element in AdamW's eps regime, where float32 rounding of the batch sum
+# becomes a 2.6e-5 weight difference (figures: docs/architecture.md, "How the math is kept
+# exact"); test_equivalence checks seed 0 on the gradients, before AdamW.
 EQUIVALENCE_SEED = 1
 
 

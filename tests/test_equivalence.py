@@ -18,10 +18,7 @@ from tests.conftest import (EQUIVALENCE_SEED, max_relative_error, run_train, tin
 
 STEPS = 6
 BATCH = 8
-# Not seed 0: its first batch puts one bias element in AdamW's eps regime, where float32
-# rounding of the batch sum is amplified into a 2.6e-5 weight difference (conftest's
-# EQUIVALENCE_SEED says how much; the fast paths' crops do the same to block 2 with seed 0).
-# test_two_ranks_give_the_same_gradients_at_seed_0 checks the math at seed 0 before AdamW.
+# Why not seed 0: conftest.EQUIVALENCE_SEED (the fast paths' crops meet the same at block 2).
 TRAINING = {"train.max_steps": STEPS, "train.seed": EQUIVALENCE_SEED}
 FAST_PATHS = {"data.augment_on": "gpu", "model.packed_crops": True, "log.every_steps": 4}
 
